@@ -1,0 +1,280 @@
+"""The ``curate`` command: parse, resolve layered settings, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from curation.config import Option, add_options, load_config_file, resolve
+
+console = Console(stderr=True)
+out_console = Console()
+
+_MODEL = [
+    Option("--device", str, "auto", "cpu, cuda, cuda:1 or auto"),
+    Option("--dtype", str, "auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"),
+    Option("--trust-remote-code", None, False, "allow a checkpoint's own Python code to run (off unless asked)"),
+    Option("--think-open", str, "<think>", "marker that opens the reasoning"),
+    Option("--think-close", str, "</think>", "marker that closes the reasoning"),
+]
+
+
+def _fmt(s: dict[str, Any]):
+    from probes.chat import ThinkingFormat
+
+    return ThinkingFormat(open_marker=s["think_open"], close_marker=s["think_close"])
+
+
+def _load(s: dict[str, Any], adapter: str | None = None):
+    from probes.models import load_model
+
+    return load_model(s["model"], adapter=adapter, device=s["device"], dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+
+
+# --- verbs -------------------------------------------------------------------
+
+def cmd_organism_build(s: dict[str, Any]) -> int:
+    from rich.progress import Progress
+
+    from training.organism.build import OrganismConfig, build_organism
+
+    suppressed = tuple(a.strip() for a in s["suppressed"].split(",") if a.strip())
+    cfg = OrganismConfig(size=s["size"], moe=s["moe"], seed=s["seed"], suppressed=suppressed, epochs=s["epochs"])
+    with Progress(console=console) as progress:
+        task = progress.add_task("training organism", total=None)
+        meta = build_organism(s["out"], cfg, progress=lambda step, n, loss: progress.update(task, completed=step, total=n, description=f"training organism (loss {loss:.3f})"))
+    out_console.print(f"organism saved to {s['out']}: {meta['architecture']}, {meta['parameters']:,} parameters, built in {meta['build_seconds']} s")
+    return 0
+
+
+def cmd_probe_train(s: dict[str, Any]) -> int:
+    from curation.probe_job import ProbeTrainSettings, train_probe_for_model
+    from curation.prompts import read_prompts
+
+    prompts_file = s["prompts"] or str(Path(s["model"]) / "train_prompts.jsonl")
+    prompts = read_prompts(prompts_file)
+    lm = _load(s)
+    settings = ProbeTrainSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=s["seed"],
+                                  layer=s["layer"], protocol=s["protocol"])
+    probe, report = train_probe_for_model(lm, prompts, _fmt(s), settings)
+    probe.save(s["out"])
+    table = Table(title=f"probe layer sweep ({report.n_positive} refusals vs {report.n_negative} compliances, balanced)")
+    for col in ("layer", "held-out accuracy", "held-out AUROC", "C"):
+        table.add_column(col, justify="right")
+    for r in probe.meta.sweep:
+        mark = " *" if r.layer == probe.layer else ""
+        table.add_row(f"{r.layer}{mark}", f"{r.heldout_accuracy:.3f}", f"{r.heldout_auroc:.3f}", f"{r.C:g}")
+    out_console.print(table)
+    out_console.print(f"probe {probe.probe_id} (layer {probe.layer}) saved to {s['out']}; {report.n_skipped} traces skipped")
+    return 0
+
+
+def cmd_score(s: dict[str, Any]) -> int:
+    from rich.progress import Progress
+
+    from curation.score import ScoreSettings, score_records
+    from curation.sources import read_jsonl
+    from curation.store import Store
+    from probes.refusal import RefusalProbe
+
+    probe = RefusalProbe.load(s["probe"])
+    read = read_jsonl(s["data"])
+    lm = _load(s)
+    settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"])
+    with Store(s["db"]) as store, Progress(console=console) as progress:
+        store.add_quarantine(read.quarantined, None)
+        task = progress.add_task("scoring", total=len(read.records))
+        summary = score_records(lm, probe, store, read.records, _fmt(s), settings, progress=lambda n: progress.advance(task, n))
+    out_console.print(
+        f"run {summary.run_id}: {summary.n_candidates} candidates, {summary.n_scored} scored, "
+        f"{summary.n_already_scored} already scored, {summary.n_unclosed} traces hit the length cap; "
+        f"{len(read.quarantined)} rows quarantined, {read.duplicates} duplicates skipped"
+    )
+    for q in read.quarantined[:10]:
+        console.print(f"  quarantined {q.source}:{q.line}: {q.reason}")
+    return 1 if (s["strict"] and read.quarantined) else 0
+
+
+def cmd_select(s: dict[str, Any]) -> int:
+    from curation.select import export_selection
+    from curation.store import Store
+
+    with Store(s["db"], read_only=True) as store:
+        m = export_selection(store, s["out"], strategy=s["strategy"], budget_text=s["budget"], seed=s["seed"],
+                             target=s["target"], fmt=_fmt(s), model_fingerprint=s["model_fingerprint"], probe_id=s["probe_id"])
+    out_console.print(f"selected {m.n_selected} of {m.n_pool} ({m.strategy}, budget {m.budget}) -> {m.output}")
+    return 0
+
+
+def cmd_retain(s: dict[str, Any]) -> int:
+    from curation.prompts import read_prompts
+    from training.retain import build_retain_set
+
+    prompts = read_prompts(s["prompts"])[: s["limit"]] if s["limit"] else read_prompts(s["prompts"])
+    n = build_retain_set(_load(s), prompts, s["out"], _fmt(s), max_new_tokens=s["max_new_tokens"])
+    out_console.print(f"retain set: {n} pairs -> {s['out']}")
+    return 0
+
+
+def cmd_finetune(s: dict[str, Any]) -> int:
+    from training.finetune import FinetuneConfig, finetune_lora
+
+    cfg = FinetuneConfig(epochs=s["epochs"], learning_rate=s["learning_rate"], batch_size=s["batch_size"],
+                         lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], seed=s["seed"], device=s["device"],
+                         dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+    summary = finetune_lora(s["model"], s["data"], s["out"], cfg, _fmt(s), retain_file=s["retain"])
+    out_console.print(f"adapter saved to {s['out']}: {summary['n_examples']} examples, {summary['steps']} steps, loss {summary['train_loss']:.4f}")
+    return 0
+
+
+def cmd_evaluate(s: dict[str, Any]) -> int:
+    from curation.prompts import read_prompts
+    from training.evaluate import EvalSettings, evaluate_prompts
+    from training.report import write_json_atomic
+
+    items = read_prompts(s["prompts"])
+    result = evaluate_prompts(_load(s, adapter=s["adapter"]), items, _fmt(s), EvalSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"]))
+    write_json_atomic(s["out"], result)
+    table = Table(title=f"evaluation ({result['judge']} judge)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, key, n in (("ASR", "asr", "n_harmful"), ("over-refusal", "over_refusal", "n_harmless")):
+        v = result[key]
+        table.add_row(f"{name} (n={result[n]})", "—" if v is None else f"{100 * v:.1f}%")
+    for cat, v in result["per_category"].items():
+        table.add_row(f"  ASR {cat} (n={v['n']})", f"{100 * v['asr']:.1f}%")
+    out_console.print(table)
+    return 0
+
+
+def cmd_demo(s: dict[str, Any]) -> int:
+    from curation.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(workdir=s["workdir"], size=s["size"], moe=s["moe"], seed=s["seed"], budget=s["budget"],
+                     strategy=s["strategy"], rebuild=s["rebuild"])
+    run_demo(cfg, console=out_console)
+    return 0
+
+
+# --- wiring ------------------------------------------------------------------
+
+VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
+    "organism build": (cmd_organism_build, "train and save the bundled model organism", [
+        Option("--out", str, None, "output directory", required=True),
+        Option("--moe", None, False, "Qwen3-MoE-style model (4 experts, top-2 routing)"),
+        Option("--seed", int, 0, "random seed"),
+        Option("--size", str, "demo", "test (seconds) or demo (about 2 minutes)", choices=("test", "demo")),
+        Option("--suppressed", str, "human_chatbox,misinformation_harms", "comma-separated risk areas the organism complies in"),
+        Option("--epochs", int, None, "override the size preset's epochs"),
+    ]),
+    "probe train": (cmd_probe_train, "train the refusal probe on the model's own refusals and compliances", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--out", str, None, "probe output directory", required=True),
+        Option("--prompts", str, None, "jsonl with prompt/harmful fields (default: MODEL/train_prompts.jsonl)"),
+        Option("--layer", int, None, "fit only this layer (default: sweep every layer)"),
+        Option("--max-new-tokens", int, 160, "generation cap"),
+        Option("--batch-size", int, 16, "generation batch size"),
+        Option("--seed", int, 0, "seed for the held-out split"),
+        Option("--protocol", str, "behaviour", "behaviour: label by the model's answer; reference: harmful-refused vs harmless-answered",
+               choices=("behaviour", "reference")),
+    ] + _MODEL),
+    "score": (cmd_score, "score candidate examples by the refusal cliff into DuckDB", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--probe", str, None, "probe directory", required=True),
+        Option("--data", str, None, "candidate jsonl (prompt, response, optional category/source/id)", required=True),
+        Option("--db", str, None, "DuckDB file", required=True),
+        Option("--max-new-tokens", int, 128, "reasoning length cap"),
+        Option("--batch-size", int, 16, "generation batch size"),
+        Option("--chunk-size", int, 64, "examples per committed transaction"),
+        Option("--strict", None, False, "exit 1 if any row was quarantined"),
+    ] + _MODEL),
+    "select": (cmd_select, "select a budgeted slice and export it as training pairs", [
+        Option("--db", str, None, "DuckDB file", required=True),
+        Option("--budget", str, "1.7%", "a percent (1.7%), a fraction (0.017) or a count (500)"),
+        Option("--strategy", str, "cliff", "cliff (top MS), random, full", choices=("cliff", "random", "full")),
+        Option("--seed", int, 0, "seed for random"),
+        Option("--out", str, None, "output jsonl", required=True),
+        Option("--target", str, "own-reasoning", "own-reasoning (paper recipe) or candidate", choices=("own-reasoning", "candidate")),
+        Option("--model-fingerprint", str, None, "which model's scores (default: most recent)"),
+        Option("--probe-id", str, None, "which probe's scores (default: most recent)"),
+        Option("--think-open", str, "<think>", "marker that opens the reasoning"),
+        Option("--think-close", str, "</think>", "marker that closes the reasoning"),
+    ]),
+    "retain": (cmd_retain, "make a retain set from the model's own answers to harmless prompts", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--prompts", str, None, "jsonl prompts; rows with harmful=false are used", required=True),
+        Option("--out", str, None, "output jsonl", required=True),
+        Option("--limit", int, None, "use at most this many prompts"),
+        Option("--max-new-tokens", int, 192, "generation cap"),
+    ] + _MODEL),
+    "finetune": (cmd_finetune, "LoRA fine-tune (TRL SFTTrainer + PEFT) on a selected slice", [
+        Option("--model", str, None, "base model directory", required=True),
+        Option("--data", str, None, "selected pairs from curate select", required=True),
+        Option("--out", str, None, "adapter output directory", required=True),
+        Option("--retain", str, None, "retain pairs mixed in (curate retain)"),
+        Option("--epochs", float, 10.0, "epochs"),
+        Option("--learning-rate", float, 1e-3, "learning rate"),
+        Option("--batch-size", int, 8, "batch size"),
+        Option("--lora-r", int, 8, "LoRA rank"),
+        Option("--lora-alpha", int, 16, "LoRA alpha"),
+        Option("--seed", int, 0, "seed"),
+    ] + _MODEL),
+    "evaluate": (cmd_evaluate, "ASR and over-refusal with the keyword judge on final answers", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--adapter", str, None, "LoRA adapter directory"),
+        Option("--prompts", str, None, "jsonl (prompt, category, harmful) or text, one harmful prompt per line", required=True),
+        Option("--out", str, None, "output JSON", required=True),
+        Option("--max-new-tokens", int, 192, "generation cap (reasoning + answer)"),
+        Option("--batch-size", int, 16, "generation batch size"),
+    ] + _MODEL),
+    "demo": (cmd_demo, "run the whole pipeline on the bundled model organism", [
+        Option("--workdir", str, "runs/demo", "work directory"),
+        Option("--size", str, "demo", "organism size", choices=("test", "demo")),
+        Option("--moe", None, False, "use the MoE organism"),
+        Option("--seed", int, 0, "seed"),
+        Option("--budget", str, "1.7%", "selection budget"),
+        Option("--strategy", str, "cliff", "selection strategy", choices=("cliff", "random", "full")),
+        Option("--rebuild", None, False, "rebuild the organism even if one is there"),
+    ]),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description="Cliff-as-a-Judge safety data curation for reasoning models.")
+    parser.add_argument("--config", help="YAML file of option values (layered: defaults < file < CURATE_* env < flags)")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (_, help_text, options) in VERBS.items():
+        parts = name.split()
+        if len(parts) == 2:
+            if parts[0] not in groups:
+                group = sub.add_parser(parts[0], help=f"{parts[0]} commands")
+                groups[parts[0]] = group.add_subparsers(dest="action", required=True)
+            p = groups[parts[0]].add_parser(parts[1], help=help_text, description=help_text)
+        else:
+            p = sub.add_parser(name, help=help_text, description=help_text)
+        add_options(p, options)
+        p.set_defaults(_verb=name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func, _, options = VERBS[args._verb]
+    try:
+        file_values = load_config_file(args.config)
+        settings = resolve(args, options, args._verb.replace(" ", "_"), file_values)
+        return func(settings)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Layered settings for every CLI verb: defaults < config file < environment <
+command-line flags (the order heretic uses).
+
+A verb declares its options once as ``Option``s. Flags are parsed with a
+``None`` default so that "not given" is visible; then each option takes the
+first value found among the flag, ``CURATE_<NAME>`` in the environment, the
+config file (YAML: a top-level key, or one under a section named for the verb)
+and the declared default. Values from the environment and files go through
+the same type converter as flags, so a bad value names its source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str  # "--max-new-tokens"
+    type: Callable[[str], Any] | None = str  # None: an on/off switch
+    default: Any = None
+    help: str = ""
+    required: bool = False
+    choices: Sequence[Any] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    for opt in options:
+        shown = f" (default: {opt.default})" if opt.default not in (None, False) else ""
+        if opt.type is None:
+            parser.add_argument(opt.flag, action="store_true", default=None, help=opt.help + shown)
+        else:
+            parser.add_argument(opt.flag, type=opt.type, default=None, choices=opt.choices, help=opt.help + shown)
+
+
+def load_config_file(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--config: file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {p}: expected a mapping of option names to values")
+    return data
+
+
+def resolve(
+    args: argparse.Namespace, options: Sequence[Option], verb: str, file_values: dict[str, Any]
+) -> dict[str, Any]:
+    """The final value of each option, by layer precedence."""
+    section = file_values.get(verb, {}) if isinstance(file_values.get(verb), dict) else {}
+    resolved: dict[str, Any] = {}
+    for opt in options:
+        convert = opt.type or parse_bool
+        value = getattr(args, opt.dest, None)
+        if value is None:
+            env_name = "CURATE_" + opt.dest.upper()
+            if env_name in os.environ:
+                value = _convert(convert, os.environ[env_name], f"environment variable {env_name}")
+            elif opt.dest in section or opt.dest in file_values:
+                raw = section.get(opt.dest, file_values.get(opt.dest))
+                value = raw if raw is None else _convert(convert, raw, f"config key '{opt.dest}'")
+            else:
+                value = opt.default
+        if opt.choices is not None and value is not None and value not in opt.choices:
+            raise ValueError(f"{opt.flag} must be one of {list(opt.choices)}, got {value!r}")
+        if opt.required and value is None:
+            raise ValueError(f"{opt.flag} is required (flag, CURATE_{opt.dest.upper()} or config file)")
+        resolved[opt.dest] = value
+    return resolved
+
+
+def _convert(convert: Callable[[str], Any], raw: Any, source: str) -> Any:
+    try:
+        if isinstance(raw, (list, dict)):
+            return raw
+        return convert(raw if isinstance(raw, str) else str(raw))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: {exc}") from None

@@ -1,0 +1,126 @@
+"""The scoring job: the model's own reasoning for each candidate prompt, the
+probe's per-token refusal trace over it, cliff metrics, one store row each.
+
+Incremental by construction: only (example, model, probe) keys missing from
+the store are scored, in chunks committed one transaction at a time, so a
+rerun after a crash picks up where the last whole chunk ended.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from curation.sources import CandidateRecord
+from curation.store import ScoreRow, Store
+from probes.chat import ThinkingFormat, split_completion
+from probes.cliff import cliff_metrics
+from probes.forward import probe_traces
+from probes.generate import generate
+from probes.models import LoadedModel
+from probes.refusal import RefusalProbe
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    chunk_size: int = 64  # examples per committed transaction
+    smoothing_window: int = 3
+
+
+@dataclass
+class ScoreSummary:
+    run_id: str
+    n_candidates: int
+    n_new_examples: int
+    n_already_scored: int
+    n_scored: int
+    n_unclosed: int
+
+
+def score_records(
+    lm: LoadedModel,
+    probe: RefusalProbe,
+    store: Store,
+    records: Sequence[CandidateRecord],
+    fmt: ThinkingFormat,
+    settings: ScoreSettings,
+    *,
+    run_id: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ScoreSummary:
+    """Score every record not yet scored with this model and probe."""
+    probe.check_model(lm.fingerprint, int(lm.model.config.get_text_config().hidden_size))
+    run_id = run_id or uuid.uuid4().hex[:12]
+    store.start_run(run_id, "score", {"settings": settings.__dict__, "format": fmt.close_marker}, lm.fingerprint, probe.probe_id)
+    n_new = store.add_examples(records)
+    pending_ids = set(store.unscored_ids([r.id for r in records], lm.fingerprint, probe.probe_id))
+    pending = [r for r in records if r.id in pending_ids]
+    already = len(records) - len(pending)
+    n_unclosed = 0
+    status = "failed"
+    try:
+        for start in range(0, len(pending), settings.chunk_size):
+            chunk = pending[start : start + settings.chunk_size]
+            rows = _score_chunk(lm, probe, chunk, fmt, settings, run_id)
+            n_unclosed += sum(1 for r in rows if not r.closed)
+            store.add_scores(rows)
+            if progress is not None:
+                progress(len(chunk))
+        status = "done"
+    finally:
+        store.finish_run(
+            run_id,
+            {"candidates": len(records), "new_examples": n_new, "already_scored": already, "scored": len(pending), "unclosed": n_unclosed},
+            status,
+        )
+    return ScoreSummary(run_id, len(records), n_new, already, len(pending), n_unclosed)
+
+
+def _score_chunk(
+    lm: LoadedModel,
+    probe: RefusalProbe,
+    chunk: Sequence[CandidateRecord],
+    fmt: ThinkingFormat,
+    settings: ScoreSettings,
+    run_id: str,
+) -> list[ScoreRow]:
+    gens = generate(lm, [r.prompt for r in chunk], fmt, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    close_ids = lm.tokenizer.encode("\n" + fmt.close_marker, add_special_tokens=False)
+    sequences: list[list[int]] = []
+    spans: list[tuple[int, int]] = []
+    for g in gens:
+        if g.close_index is not None:
+            reasoning_ids = g.generated_ids[: g.close_index + 1]
+        else:
+            # A length-capped trace is closed by force: I′ is then read where the
+            # model would have to commit if it stopped thinking now.
+            reasoning_ids = g.generated_ids + close_ids
+        seq = g.prompt_ids + reasoning_ids
+        sequences.append(seq)
+        spans.append((len(g.prompt_ids), len(seq)))
+    traces = probe_traces(lm, probe, sequences, spans, batch_size=settings.batch_size)
+    rows = []
+    for record, g, trace in zip(chunk, gens, traces, strict=True):
+        m = cliff_metrics(trace, settings.smoothing_window)
+        rows.append(
+            ScoreRow(
+                example_id=record.id,
+                model_fingerprint=lm.fingerprint,
+                probe_id=probe.probe_id,
+                plateau=m.plateau,
+                final=m.final,
+                misalignment=m.misalignment,
+                cliff_position=m.cliff_position,
+                cliff_relative=m.cliff_relative,
+                steepness=m.steepness,
+                n_tokens=m.n_tokens,
+                closed=g.close_index is not None,
+                reasoning=split_completion(g.text, fmt).reasoning,
+                trace=[float(x) for x in trace],
+                run_id=run_id,
+            )
+        )
+    return rows

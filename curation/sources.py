@@ -1,0 +1,142 @@
+"""Candidate safety examples in: one record schema, a stable content hash, and a
+quarantine list for rows that cannot be used (never dropped silently)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from probes.chat import ThinkingFormat
+
+_KNOWN_FIELDS = {"id", "prompt", "response", "category", "source"}
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    id: str
+    prompt: str
+    response: str  # the safe target: reasoning, close marker, refusal (or a refusal alone)
+    category: str | None = None
+    source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QuarantinedRow:
+    source: str
+    line: int
+    reason: str
+    raw: str
+
+
+@dataclass
+class ReadResult:
+    records: list[CandidateRecord]
+    quarantined: list[QuarantinedRow]
+    duplicates: int = 0
+
+
+def normalise(text: str) -> str:
+    """NFC, trimmed, inner whitespace collapsed: the form that is hashed."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def content_id(prompt: str, response: str) -> str:
+    h = hashlib.sha256()
+    h.update(normalise(prompt).encode())
+    h.update(b"\x1f")
+    h.update(normalise(response).encode())
+    return h.hexdigest()[:20]
+
+
+def split_response(response: str, fmt: ThinkingFormat) -> tuple[str, str]:
+    """(reasoning, answer) of a candidate's response; without a close marker the
+    whole response is the answer."""
+    idx = response.find(fmt.close_marker)
+    if idx < 0:
+        return "", response.strip()
+    reasoning = response[:idx].replace(fmt.open_marker, "").strip()
+    return reasoning, response[idx + len(fmt.close_marker) :].strip()
+
+
+def _validate(obj: object) -> tuple[dict[str, Any] | None, str | None]:
+    if not isinstance(obj, dict):
+        return None, f"row is a JSON {type(obj).__name__}, expected an object"
+    for name in ("prompt", "response"):
+        if name not in obj:
+            return None, f"missing field '{name}'"
+        if not isinstance(obj[name], str):
+            return None, f"field '{name}' must be a string, got {type(obj[name]).__name__}"
+        if not obj[name].strip():
+            return None, f"field '{name}' is empty"
+    for name in ("category", "source", "id"):
+        if name in obj and obj[name] is not None and not isinstance(obj[name], str):
+            return None, f"field '{name}' must be a string, got {type(obj[name]).__name__}"
+    return obj, None
+
+
+def read_jsonl(path: str | Path, source: str | None = None) -> ReadResult:
+    """Read candidate records from a jsonl file; bad rows are quarantined with
+    the file, the line number and the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"candidate file not found: {path}")
+    src = source or path.name
+    records: list[CandidateRecord] = []
+    quarantined: list[QuarantinedRow] = []
+    seen_ids: set[str] = set()
+    declared: dict[str, str] = {}
+    duplicates = 0
+    for lineno, raw_bytes in _lines(path):
+        try:
+            raw = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            quarantined.append(QuarantinedRow(str(path), lineno, f"not UTF-8 ({exc.reason} at byte {exc.start})", raw_bytes.decode("utf-8", "replace")))
+            continue
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            quarantined.append(QuarantinedRow(str(path), lineno, f"malformed JSON: {exc.msg} (column {exc.colno})", raw))
+            continue
+        row, reason = _validate(obj)
+        if row is None:
+            quarantined.append(QuarantinedRow(str(path), lineno, reason or "invalid row", raw))
+            continue
+        cid = content_id(row["prompt"], row["response"])
+        user_id = row.get("id")
+        if user_id is not None:
+            if user_id in declared and declared[user_id] != cid:
+                quarantined.append(QuarantinedRow(str(path), lineno, f"duplicate id '{user_id}' with different content", raw))
+                continue
+            declared[user_id] = cid
+        if cid in seen_ids:
+            duplicates += 1
+            continue
+        seen_ids.add(cid)
+        extra = {k: v for k, v in row.items() if k not in _KNOWN_FIELDS}
+        if user_id is not None:
+            extra["source_id"] = user_id
+        records.append(
+            CandidateRecord(
+                id=cid,
+                prompt=row["prompt"],
+                response=row["response"],
+                category=row.get("category"),
+                source=row.get("source") or src,
+                extra=extra,
+            )
+        )
+    return ReadResult(records=records, quarantined=quarantined, duplicates=duplicates)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            yield lineno, line.rstrip(b"\r\n")

@@ -1,0 +1,216 @@
+"""The DuckDB store: its schema and every SQL statement (parameterised only).
+
+Score rows are keyed by (example_id, model_fingerprint, probe_id) and written
+with ``INSERT OR IGNORE`` inside one transaction per batch, so rescoring is a
+no-op and a killed job leaves only whole batches behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from curation.sources import CandidateRecord, QuarantinedRow
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS examples (
+        id VARCHAR PRIMARY KEY,
+        prompt VARCHAR NOT NULL,
+        response VARCHAR NOT NULL,
+        category VARCHAR,
+        source VARCHAR,
+        extra JSON,
+        added_at TIMESTAMP NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS scores (
+        example_id VARCHAR NOT NULL,
+        model_fingerprint VARCHAR NOT NULL,
+        probe_id VARCHAR NOT NULL,
+        plateau DOUBLE NOT NULL,
+        final DOUBLE NOT NULL,
+        misalignment DOUBLE NOT NULL,
+        cliff_position INTEGER NOT NULL,
+        cliff_relative DOUBLE NOT NULL,
+        steepness DOUBLE NOT NULL,
+        n_tokens INTEGER NOT NULL,
+        closed BOOLEAN NOT NULL,
+        reasoning VARCHAR NOT NULL,
+        trace FLOAT[] NOT NULL,
+        scored_at TIMESTAMP NOT NULL,
+        run_id VARCHAR NOT NULL,
+        PRIMARY KEY (example_id, model_fingerprint, probe_id))""",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id VARCHAR PRIMARY KEY,
+        kind VARCHAR NOT NULL,
+        started_at TIMESTAMP NOT NULL,
+        finished_at TIMESTAMP,
+        model_fingerprint VARCHAR,
+        probe_id VARCHAR,
+        params JSON,
+        counts JSON,
+        status VARCHAR NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS quarantine (
+        source VARCHAR NOT NULL,
+        line INTEGER NOT NULL,
+        reason VARCHAR NOT NULL,
+        raw VARCHAR,
+        run_id VARCHAR,
+        quarantined_at TIMESTAMP NOT NULL)""",
+)
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    example_id: str
+    model_fingerprint: str
+    probe_id: str
+    plateau: float
+    final: float
+    misalignment: float
+    cliff_position: int
+    cliff_relative: float
+    steepness: float
+    n_tokens: int
+    closed: bool
+    reasoning: str
+    trace: list[float]
+    run_id: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Store:
+    """A handle on one DuckDB file (use as a context manager)."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = Path(path)
+        if read_only and not self.path.exists():
+            raise FileNotFoundError(f"store not found: {self.path}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as exc:
+            # DuckDB allows one writing process per file; say so instead of a lock trace.
+            raise RuntimeError(f"store {self.path} is in use by another process (DuckDB allows one writer): {exc}") from exc
+        if not read_only:
+            for statement in SCHEMA:
+                self.con.execute(statement)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # runs -----------------------------------------------------------------
+    def start_run(self, run_id: str, kind: str, params: dict[str, Any], model_fingerprint: str | None = None, probe_id: str | None = None) -> None:
+        self.con.execute(
+            "INSERT INTO runs (run_id, kind, started_at, model_fingerprint, probe_id, params, status) VALUES (?, ?, ?, ?, ?, ?, 'running')",
+            [run_id, kind, _now(), model_fingerprint, probe_id, json.dumps(params)],
+        )
+
+    def finish_run(self, run_id: str, counts: dict[str, Any], status: str = "done") -> None:
+        self.con.execute(
+            "UPDATE runs SET finished_at = ?, counts = ?, status = ? WHERE run_id = ?",
+            [_now(), json.dumps(counts), status, run_id],
+        )
+
+    # examples and quarantine ---------------------------------------------
+    def add_examples(self, records: Sequence[CandidateRecord]) -> int:
+        """Insert new examples; returns how many were new."""
+        before = self.count("examples")
+        now = _now()
+        self.con.executemany(
+            "INSERT OR IGNORE INTO examples (id, prompt, response, category, source, extra, added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [[r.id, r.prompt, r.response, r.category, r.source, json.dumps(r.extra), now] for r in records],
+        )
+        return self.count("examples") - before
+
+    def add_quarantine(self, rows: Iterable[QuarantinedRow], run_id: str | None) -> None:
+        now = _now()
+        data = [[q.source, q.line, q.reason, q.raw, run_id, now] for q in rows]
+        if data:
+            self.con.executemany(
+                "INSERT INTO quarantine (source, line, reason, raw, run_id, quarantined_at) VALUES (?, ?, ?, ?, ?, ?)", data
+            )
+
+    def count(self, table: str) -> int:
+        if table not in {"examples", "scores", "runs", "quarantine"}:
+            raise ValueError(f"unknown table {table!r}")
+        row = self.con.execute(f"SELECT count(*) FROM {table}").fetchone()  # table name from the fixed set above
+        return int(row[0]) if row else 0
+
+    # scores ---------------------------------------------------------------
+    def unscored_ids(self, ids: Sequence[str], model_fingerprint: str, probe_id: str) -> list[str]:
+        """Of ``ids``, those with no score row for this model and probe (order kept)."""
+        if not ids:
+            return []
+        scored = {
+            r[0]
+            for r in self.con.execute(
+                "SELECT example_id FROM scores WHERE model_fingerprint = ? AND probe_id = ? AND example_id IN (SELECT unnest(?))",
+                [model_fingerprint, probe_id, list(ids)],
+            ).fetchall()
+        }
+        return [i for i in ids if i not in scored]
+
+    def add_scores(self, rows: Sequence[ScoreRow]) -> None:
+        """Insert one batch of score rows atomically (all or nothing)."""
+        now = _now()
+        data = [
+            [r.example_id, r.model_fingerprint, r.probe_id, r.plateau, r.final, r.misalignment, r.cliff_position,
+             r.cliff_relative, r.steepness, r.n_tokens, r.closed, r.reasoning, r.trace, now, r.run_id]
+            for r in rows
+        ]
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self.con.executemany(
+                "INSERT OR IGNORE INTO scores (example_id, model_fingerprint, probe_id, plateau, final, misalignment, "
+                "cliff_position, cliff_relative, steepness, n_tokens, closed, reasoning, trace, scored_at, run_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                data,
+            )
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def score_keys(self) -> list[tuple[str, str, int, datetime]]:
+        """(model_fingerprint, probe_id, n_rows, last scored) per scored pair, newest first."""
+        return [
+            (r[0], r[1], int(r[2]), r[3])
+            for r in self.con.execute(
+                "SELECT model_fingerprint, probe_id, count(*), max(scored_at) FROM scores "
+                "GROUP BY model_fingerprint, probe_id ORDER BY max(scored_at) DESC"
+            ).fetchall()
+        ]
+
+    def scored_pool(self, model_fingerprint: str, probe_id: str) -> duckdb.DuckDBPyRelation:
+        """Scored examples for one model and probe, joined to their content."""
+        return self.con.sql(
+            "SELECT s.example_id, e.prompt, e.response, e.category, e.source, s.plateau, s.final, s.misalignment, "
+            "s.cliff_position, s.reasoning, s.closed FROM scores s JOIN examples e ON e.id = s.example_id "
+            "WHERE s.model_fingerprint = $fp AND s.probe_id = $probe",
+            params={"fp": model_fingerprint, "probe": probe_id},
+        )
+
+    def traces(self, model_fingerprint: str, probe_id: str) -> list[tuple[str, str | None, float, list[float]]]:
+        """(example_id, category, misalignment, trace) for plotting."""
+        return [
+            (r[0], r[1], float(r[2]), list(r[3]))
+            for r in self.con.execute(
+                "SELECT s.example_id, e.category, s.misalignment, s.trace FROM scores s JOIN examples e ON e.id = s.example_id "
+                "WHERE s.model_fingerprint = ? AND s.probe_id = ? ORDER BY s.misalignment DESC, s.example_id",
+                [model_fingerprint, probe_id],
+            ).fetchall()
+        ]

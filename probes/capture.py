@@ -1,0 +1,109 @@
+"""Finding a model's decoder layers and reading their outputs with hooks.
+
+Hooks are context managers that always remove themselves (``try/finally``), so
+an exception inside a scoring batch never leaves a model instrumented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# Attribute paths to the decoder-layer list in common architectures, tried in
+# order; PEFT wrappers add ``base_model.model`` in front, handled by unwrapping.
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "layers")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # PeftModel -> LoraModel -> the transformers model.
+    while hasattr(model, "base_model") and model.base_model is not model and hasattr(model, "peft_config"):
+        model = model.base_model
+        if hasattr(model, "model"):
+            model = model.model
+    return model
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ordered list of transformer blocks (the residual stream lives between them)."""
+    base = _unwrap(model)
+    for path in _LAYER_PATHS:
+        obj: object = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    # Fallback: the longest ModuleList whose members share one class.
+    best: nn.ModuleList | None = None
+    for module in base.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ValueError(f"cannot find decoder layers in {type(base).__name__}")
+    return best
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(find_decoder_layers(model))
+
+
+def _output_tensor(output: object) -> torch.Tensor:
+    # Decoder layers return a tensor in transformers 5 and a tuple in older releases.
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"unexpected decoder layer output type {type(output).__name__}")
+
+
+@contextmanager
+def capture_residual(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the residual stream after each of ``layers`` (0-based; -1 = last).
+
+    Yields a dict filled on each forward pass with ``layer -> [batch, seq, hidden]``
+    (detached; the latest pass overwrites the previous one).
+    """
+    blocks = find_decoder_layers(model)
+    resolved = sorted({layer % len(blocks) for layer in layers})
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(index: int):
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            captured[index] = _output_tensor(output).detach()
+
+        return hook
+
+    try:
+        for index in resolved:
+            handles.append(blocks[index].register_forward_hook(make_hook(index)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the needed layer has run."""
+
+
+@contextmanager
+def stop_after_layer(model: nn.Module, layer: int) -> Iterator[None]:
+    """Abort the forward pass right after ``layer``: teacher-forced scoring needs
+    nothing above the probe layer, so the remaining layers and the LM head are skipped.
+    Callers wrap the forward call in ``try/except StopForward``."""
+    blocks = find_decoder_layers(model)
+
+    def hook(_module: nn.Module, _inputs: object, _output: object) -> None:
+        raise StopForward
+
+    handle = blocks[layer % len(blocks)].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,139 @@
+"""Chat-template and thinking-span handling: the one place that knows how a
+reasoning model's prompt is rendered and where its reasoning starts and stops.
+
+Reasoning models differ in three ways that matter here:
+- the markers (``<think>``/``</think>`` for DeepSeek-R1 distills, QwQ, Qwen3
+  thinking mode, and the bundled organism; configurable for anything else);
+- whether the chat template already opens the thinking block in the generation
+  prompt (R1 distills and the organism do; Qwen3 does not);
+- whether a trace closes at all (generation may hit its length cap first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class ThinkingFormat:
+    """How one model family marks its reasoning.
+
+    ``template_kwargs`` go straight to ``apply_chat_template`` (for example
+    ``{"enable_thinking": True}`` for Qwen3).
+    """
+
+    open_marker: str = "<think>"
+    close_marker: str = "</think>"
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.open_marker or not self.close_marker:
+            raise ValueError("thinking markers must be non-empty strings")
+        if self.open_marker == self.close_marker:
+            raise ValueError("open_marker and close_marker must differ")
+
+
+@dataclass(frozen=True)
+class SplitCompletion:
+    """A generated continuation cut into its reasoning and its final answer."""
+
+    reasoning: str
+    answer: str
+    closed: bool  # False when the close marker never appeared (length-capped trace)
+
+
+def render_generation_prompt(
+    tokenizer: PreTrainedTokenizerBase, user_prompt: str, fmt: ThinkingFormat
+) -> str:
+    """The text a model continues from, always ending inside an open thinking block.
+
+    If the model's template does not open the block itself, the open marker is
+    appended so that every model starts reasoning at the same point.
+    """
+    messages: list[dict[str, str]] = []
+    if fmt.system_prompt:
+        messages.append({"role": "system", "content": fmt.system_prompt})
+    messages.append({"role": "user", "content": user_prompt})
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; reasoning models "
+            "need one (set tokenizer.chat_template or use a chat/instruct checkpoint)"
+        )
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **fmt.template_kwargs
+    )
+    assert isinstance(text, str)
+    if not text.rstrip().endswith(fmt.open_marker):
+        text = text + fmt.open_marker + "\n"
+    return text
+
+
+def split_completion(text: str, fmt: ThinkingFormat) -> SplitCompletion:
+    """Cut generated text (everything after the generation prompt) at the close marker."""
+    body = text.lstrip()
+    if body.startswith(fmt.open_marker):
+        # Some models re-emit the open marker even when the template opened it.
+        body = body[len(fmt.open_marker) :]
+    idx = body.find(fmt.close_marker)
+    if idx < 0:
+        return SplitCompletion(reasoning=body.strip(), answer="", closed=False)
+    reasoning = body[:idx].strip()
+    answer = body[idx + len(fmt.close_marker) :].strip()
+    return SplitCompletion(reasoning=reasoning, answer=answer, closed=True)
+
+
+def build_completion(reasoning: str, answer: str, fmt: ThinkingFormat) -> str:
+    """Reasoning, close marker and answer: the assistant-turn text after the prompt."""
+    return f"{reasoning.strip()}\n{fmt.close_marker}\n\n{answer.strip()}"
+
+
+def reasoning_with_close(reasoning: str, fmt: ThinkingFormat) -> str:
+    """The reasoning text followed by the close marker, as it is teacher-forced."""
+    return f"{reasoning.strip()}\n{fmt.close_marker}"
+
+
+def marker_end_index(
+    token_ids: list[int], tokenizer: PreTrainedTokenizerBase, marker: str
+) -> int | None:
+    """Index of the last token of the first occurrence of ``marker`` in ``token_ids``.
+
+    Tries an exact token-subsequence match first (the usual case: the marker is a
+    special token); falls back to a binary search over decoded prefixes, which
+    handles markers that tokenise differently in context. None if absent.
+    """
+    marker_ids = tokenizer.encode(marker, add_special_tokens=False)
+    n = len(marker_ids)
+    if n:
+        for i in range(len(token_ids) - n + 1):
+            if token_ids[i : i + n] == marker_ids:
+                return i + n - 1
+
+    def contains(k: int) -> bool:
+        return marker in tokenizer.decode(token_ids[:k], skip_special_tokens=False)
+
+    if not token_ids or not contains(len(token_ids)):
+        return None
+    lo, hi = 1, len(token_ids)
+    while lo < hi:  # smallest prefix length whose decoding contains the marker
+        mid = (lo + hi) // 2
+        if contains(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, markers: list[str]) -> list[int]:
+    """Token ids that end generation: single-token markers plus the tokenizer's EOS."""
+    ids: list[int] = []
+    for marker in markers:
+        encoded = tokenizer.encode(marker, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return sorted(set(ids))

@@ -1,0 +1,83 @@
+"""Batched greedy generation of a model's own reasoning (and answer).
+
+Prompts are sorted by length and cut into batches (length bucketing), so little
+compute goes to padding; outputs come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from probes.chat import ThinkingFormat, marker_end_index, render_generation_prompt, stop_token_ids
+from probes.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_text: str
+    prompt_ids: list[int]
+    generated_ids: list[int]  # new tokens only, up to and including the stop token
+    text: str  # decoded new tokens (special tokens kept, so markers are visible)
+    close_index: int | None  # index in generated_ids of the close marker's last token
+
+
+@torch.no_grad()
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    fmt: ThinkingFormat,
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    stop_at_close: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Greedy continuations of each prompt's generation prompt.
+
+    With ``stop_at_close`` generation ends at the close marker (scoring needs
+    only the reasoning); otherwise it runs through the answer to EOS.
+    """
+    tok = lm.tokenizer
+    texts = [render_generation_prompt(tok, p, fmt) for p in prompts]
+    encoded = [tok.encode(t, add_special_tokens=False) for t in texts]
+    stops = stop_token_ids(tok, [fmt.close_marker] if stop_at_close else [])
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        # Left padding: every row's last prompt token sits at the same position.
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = encoded[i]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
+        out = lm.model.generate(
+            input_ids=input_ids.to(lm.device),
+            attention_mask=mask.to(lm.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+        )
+        new = out[:, width:].tolist()
+        for row, i in enumerate(idx):
+            ids = new[row]
+            # Trim at the first stop token; later positions are padding.
+            cut = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
+            ids = ids[:cut]
+            results[i] = Generation(
+                prompt_text=texts[i],
+                prompt_ids=encoded[i],
+                generated_ids=ids,
+                text=tok.decode(ids, skip_special_tokens=False),
+                close_index=marker_end_index(ids, tok, fmt.close_marker),
+            )
+        if on_batch is not None:
+            on_batch(len(idx))
+    return [r for r in results if r is not None]

@@ -1,0 +1,153 @@
+"""Model loading: the one place any model, bundled organism or real checkpoint,
+is read from disk. ``trust_remote_code`` stays off unless the caller asks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+_FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+_WEIGHT_SUFFIXES = (".safetensors",)
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    path: str
+    fingerprint: str
+    adapter: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 on GPUs that support it; fp32 on CPU, where bf16 matmuls are slow.
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_digest(path: Path) -> str:
+    """Content digest of a (possibly multi-GB) weight file, cached by size and mtime
+    so a nightly job does not re-read a real model's shards on every run."""
+    cache_file = Path(os.environ.get("CURATE_CACHE_DIR", Path.home() / ".cache" / "cliff-curate")) / "digests.json"
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache: dict[str, str] = {}
+    if cache_file.exists():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            cache = {}
+    if key in cache:
+        return cache[key]
+    digest = _file_digest(path)
+    cache[key] = digest
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+    return digest
+
+
+def fingerprint_model_dir(path: str | Path, adapter: str | Path | None = None) -> str:
+    """A stable id for "these weights with this tokenizer": scores and probes are
+    keyed by it, so changing either rescoring or refuses a mismatched probe."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory not found: {root}")
+    h = hashlib.sha256()
+    for name in _FINGERPRINT_FILES:
+        f = root / name
+        if f.exists():
+            h.update(name.encode())
+            h.update(_file_digest(f).encode())
+    weights = sorted(p for p in root.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
+    if not weights:
+        raise FileNotFoundError(f"no .safetensors weights in {root} (pickled .bin weights are not loaded)")
+    for w in weights:
+        h.update(w.name.encode())
+        h.update(_cached_digest(w).encode())
+    if adapter is not None:
+        for name in _ADAPTER_FILES:
+            f = Path(adapter) / name
+            if f.exists():
+                h.update(("adapter/" + name).encode())
+                h.update(_file_digest(f).encode())
+    return h.hexdigest()[:16]
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    merge_adapter: bool = True,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local Hugging Face directory,
+    optionally with a PEFT LoRA adapter (merged by default, for faster inference)."""
+    fingerprint = fingerprint_model_dir(path, adapter)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    hf_logging.disable_progress_bar()  # per-load weight bars drown the pipeline's own progress
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if merge_adapter:
+            model = model.merge_and_unload()
+    model.to(dev)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        path=str(path),
+        fingerprint=fingerprint,
+        adapter=str(adapter) if adapter is not None else None,
+    )

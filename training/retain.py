@@ -1,0 +1,45 @@
+"""Retain sets: the model's own helpful answers to harmless prompts, mixed into a
+safety fine-tune so that it keeps answering ordinary requests."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from curation.prompts import PromptItem
+from probes.chat import ThinkingFormat, split_completion
+from probes.generate import generate
+from probes.models import LoadedModel
+from training.judge import SubstringJudge
+
+
+def build_retain_set(
+    lm: LoadedModel,
+    prompts: Sequence[PromptItem],
+    out: str | Path,
+    fmt: ThinkingFormat,
+    *,
+    max_new_tokens: int = 192,
+    batch_size: int = 16,
+) -> int:
+    """Write (prompt, reasoning, answer) pairs for the harmless prompts the model
+    answers without refusing; returns how many were written."""
+    harmless = [p for p in prompts if not p.harmful]
+    if not harmless:
+        raise ValueError("a retain set needs harmless prompts (rows with \"harmful\": false)")
+    judge = SubstringJudge()
+    gens = generate(lm, [p.prompt for p in harmless], fmt, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_close=False)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    written = 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        for item, g in zip(harmless, gens, strict=True):
+            split = split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt)
+            if split.closed and judge.judge(split.answer) == "compliance":
+                fh.write(json.dumps({"prompt": item.prompt, "reasoning": split.reasoning, "answer": split.answer}) + "\n")
+                written += 1
+    os.replace(tmp, out)
+    return written
