@@ -65,11 +65,12 @@ def cmd_probe_train(s: dict[str, Any]) -> int:
     probe, report = train_probe_for_model(lm, prompts, _fmt(s), settings)
     probe.save(s["out"])
     table = Table(title=f"probe layer sweep ({report.n_positive} refusals vs {report.n_negative} compliances, balanced)")
-    for col in ("layer", "held-out accuracy", "held-out AUROC", "C"):
+    for col in ("layer", "held-out accuracy", "held-out AUROC", "span gap", "C"):
         table.add_column(col, justify="right")
     for r in probe.meta.sweep:
         mark = " *" if r.layer == probe.layer else ""
-        table.add_row(f"{r.layer}{mark}", f"{r.heldout_accuracy:.3f}", f"{r.heldout_auroc:.3f}", f"{r.C:g}")
+        gap = "—" if r.span_gap is None else f"{r.span_gap:.3f}"
+        table.add_row(f"{r.layer}{mark}", f"{r.heldout_accuracy:.3f}", f"{r.heldout_auroc:.3f}", gap, f"{r.C:g}")
     out_console.print(table)
     out_console.print(f"probe {probe.probe_id} (layer {probe.layer}) saved to {s['out']}; {report.n_skipped} traces skipped")
     return 0

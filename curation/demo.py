@@ -34,7 +34,7 @@ from probes.models import load_model
 from training import report as rpt
 from training.evaluate import EvalSettings, evaluate_prompts
 from training.finetune import FinetuneConfig, finetune_lora
-from training.organism.build import OrganismConfig, build_organism
+from training.organism.build import OrganismConfig, build_organism, builder_version
 from training.organism.corpus import DEFAULT_SUPPRESSED, safe_target
 from training.organism.corpus import PromptItem as OrganismPrompt
 from training.retain import build_retain_set
@@ -91,8 +91,9 @@ def _organism(cfg: DemoConfig, root: Path, stages: _Stages) -> Path:
     wanted = OrganismConfig(size=cfg.size, moe=cfg.moe, seed=cfg.seed, suppressed=tuple(cfg.suppressed))
     meta_file = org_dir / "organism.json"
     if meta_file.exists() and not cfg.rebuild:
-        built = json.loads(meta_file.read_text())["config"]
-        if {k: built.get(k) for k in ("size", "moe", "seed", "suppressed")} == {
+        meta = json.loads(meta_file.read_text())
+        built = meta["config"]
+        if meta.get("builder_version") == builder_version() and {k: built.get(k) for k in ("size", "moe", "seed", "suppressed")} == {
             "size": wanted.size, "moe": wanted.moe, "seed": wanted.seed, "suppressed": list(wanted.suppressed)
         }:
             stages.console.print(f"reusing organism at {org_dir} (--rebuild to build it again)")
@@ -102,7 +103,7 @@ def _organism(cfg: DemoConfig, root: Path, stages: _Stages) -> Path:
     return org_dir
 
 
-def _candidate_pool(org_dir: Path, out: Path, seed: int, fmt: ThinkingFormat) -> int:
+def write_candidate_pool(org_dir: Path, out: Path, seed: int, fmt: ThinkingFormat) -> int:
     """The organism's training-side harmful prompts, each paired with a safe
     target (reasoning that names the harm, then a refusal)."""
     rng = random.Random(seed)
@@ -134,7 +135,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     heldout = read_prompts(org_dir / "heldout_prompts.jsonl")
 
     candidates = root / "candidates.jsonl"
-    n_pool_written = _candidate_pool(org_dir, candidates, cfg.seed, fmt)
+    n_pool_written = write_candidate_pool(org_dir, candidates, cfg.seed, fmt)
 
     probe_dir = root / "probe"
     with stages.stage("train probe", total=len(train_prompts)) as advance:
@@ -262,8 +263,8 @@ def _write_html(root: Path, result: dict[str, Any], traces, highlight: set[str])
               ("over-refusal, harmless", "over_refusal"))],
             ["metric (held-out prompts)", "before", "after"])),
         ("Probe layer sweep", rpt.table(
-            [[r["layer"], r["heldout_accuracy"], r["heldout_auroc"], r["C"]] for r in result["probe"]["sweep"]],
-            ["layer", "held-out accuracy", "held-out AUROC", "C"]) + f"<p>kept layer {result['probe']['layer']}</p>"),
+            [[r["layer"], r["heldout_accuracy"], r["heldout_auroc"], r["span_gap"], r["C"]] for r in result["probe"]["sweep"]],
+            ["layer", "held-out accuracy", "held-out AUROC", "span gap", "C"]) + f"<p>kept layer {result['probe']['layer']}</p>"),
         ("Artifacts", rpt.table(sorted(result["paths"].items()), ["artifact", "path"])),
         ("Stage times (s)", rpt.table(sorted(result["seconds"].items()), ["stage", "seconds"])),
     ]

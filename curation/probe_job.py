@@ -3,7 +3,12 @@
 The model answers each prompt greedily and the keyword judge labels its final
 answer. The feature is the residual stream at the last token of the close
 marker, teacher-forced on the model's own reasoning, at every layer; classes
-are balanced and the layer with the best held-out AUROC is kept.
+are balanced. The layer with the best held-out AUROC is kept; ties (common:
+on small models every layer separates perfectly at that token) go to the
+layer with the largest *span gap*, the mean probe score across the reasoning
+of held-out refusals minus that of held-out harmless answers. The plateau
+``I`` is read across the reasoning, so the probe must mean something there,
+not only at the last token.
 
 Two labelling protocols:
 - ``reference`` (the source paper's public code): positives are harmful
@@ -27,10 +32,10 @@ import numpy as np
 from curation.prompts import PromptItem
 from probes.capture import num_layers
 from probes.chat import ThinkingFormat, split_completion
-from probes.forward import hidden_at_positions
+from probes.forward import hidden_at_positions, span_mean_scores
 from probes.generate import generate
 from probes.models import LoadedModel
-from probes.refusal import RefusalProbe, train_probe
+from probes.refusal import RefusalProbe, sweep_layers
 from training.judge import SubstringJudge
 
 
@@ -82,8 +87,11 @@ def train_probe_for_model(
     )
     sequences: list[list[int]] = []
     positions: list[list[int]] = []
+    spans: list[tuple[int, int]] = []
+    harmful: list[bool] = []
     labels: list[int] = []
     skipped = 0
+    close_len = len(lm.tokenizer.encode(fmt.close_marker, add_special_tokens=False))
     for item, g in zip(prompts, gens, strict=True):
         verdict = judge.judge(split_completion(g.text, fmt).answer)
         if g.close_index is None or verdict == "no_answer":
@@ -96,6 +104,8 @@ def train_probe_for_model(
         seq = g.prompt_ids + g.generated_ids[: g.close_index + 1]
         sequences.append(seq)
         positions.append([len(seq) - 1])
+        spans.append((len(g.prompt_ids), len(seq) - close_len))
+        harmful.append(item.harmful)
         labels.append(label)
     y = np.array(labels)
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
@@ -106,9 +116,19 @@ def train_probe_for_model(
         )
     layers = [settings.layer] if settings.layer is not None else list(range(num_layers(lm.model)))
     features = hidden_at_positions(lm, sequences, positions, layers, batch_size=settings.batch_size)
-    if settings.layer is not None:
-        features = {settings.layer % num_layers(lm.model): next(iter(features.values()))}
-    probe = train_probe(
+    sweep = sweep_layers(
         features, y, model_fingerprint=lm.fingerprint, heldout_fraction=settings.heldout_fraction, seed=settings.seed
     )
-    return probe, ProbeTrainReport(len(prompts), n_pos, n_neg, skipped)
+    # Span gap on the held-out split: refusals of harmful prompts against
+    # answers to harmless ones (the same two groups under either protocol).
+    pos = [i for i in sweep.heldout_index if y[i] == 1 and harmful[i]]
+    neg = [i for i in sweep.heldout_index if y[i] == 0 and not harmful[i]]
+    if pos and neg:
+        chosen = pos + neg
+        means = span_mean_scores(
+            lm, sweep.probes, [sequences[i] for i in chosen], [spans[i] for i in chosen], batch_size=settings.batch_size
+        )
+        for result in sweep.results:
+            m = means[result.layer]
+            result.span_gap = float(np.nanmean(m[: len(pos)]) - np.nanmean(m[len(pos) :]))
+    return sweep.choose(), ProbeTrainReport(len(prompts), n_pos, n_neg, skipped)

@@ -89,3 +89,24 @@ def probe_traces(
         if on_batch is not None:
             on_batch(len(idx))
     return [t for t in traces if t is not None]
+
+
+def span_mean_scores(
+    lm: LoadedModel,
+    probes: dict[int, RefusalProbe],
+    sequences: Sequence[list[int]],
+    spans: Sequence[tuple[int, int]],
+    *,
+    batch_size: int = 16,
+) -> dict[int, np.ndarray]:
+    """For each layer's probe, the mean score over ``spans[i]`` of each sequence,
+    in one pass that reads every probed layer (no hidden states are kept)."""
+    out = {layer: np.zeros(len(sequences)) for layer in probes}
+    n_layers = num_layers(lm.model)
+    for idx, captured in _batched_residuals(lm, sequences, list(probes), batch_size):
+        for layer, probe in probes.items():
+            scores = probe.scores(captured[layer % n_layers]).cpu().numpy()
+            for row, i in enumerate(idx):
+                start, end = spans[i]
+                out[layer][i] = float(scores[row, start:end].mean()) if end > start else float("nan")
+    return out

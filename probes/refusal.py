@@ -42,6 +42,10 @@ class LayerResult:
     heldout_accuracy: float
     heldout_auroc: float
     C: float
+    # Mean probe score over the reasoning of held-out refusals minus that of
+    # held-out harmless answers: does the probe hold the refusal signal while
+    # the model reasons (the plateau I), not only at the last token?
+    span_gap: float | None = None
 
 
 @dataclass
@@ -101,7 +105,9 @@ class RefusalProbe:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_file({"weight": self.weight.contiguous().float(), "bias": torch.tensor([self.bias])}, str(tmp / PROBE_WEIGHTS))
+        # float64 bias: a float32 one would make the reloaded probe score differently.
+        tensors = {"weight": self.weight.contiguous().float(), "bias": torch.tensor([self.bias], dtype=torch.float64)}
+        save_file(tensors, str(tmp / PROBE_WEIGHTS))
         (tmp / PROBE_META).write_text(json.dumps(asdict(self.meta), indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -148,22 +154,39 @@ def _fit_layer(
     return coef, bias, float(np.atleast_1d(clf.C_)[0])
 
 
-def train_probe(
+@dataclass
+class ProbeSweep:
+    """One fitted probe per layer, their held-out results, and the split used."""
+
+    probes: dict[int, RefusalProbe]
+    results: list[LayerResult]
+    heldout_index: np.ndarray
+
+    def choose(self) -> RefusalProbe:
+        """The best layer: held-out AUROC (in 0.005 steps), then span gap where
+        measured, then accuracy, then the deeper layer (the reference protocol's
+        choice, because the final layers carry the decision about to be voiced)."""
+
+        def key(r: LayerResult) -> tuple[float, float, float, int]:
+            gap = r.span_gap if r.span_gap is not None else 0.0
+            return (round(r.heldout_auroc / 0.005), round(gap, 2), r.heldout_accuracy, r.layer)
+
+        best = max(self.results, key=key)
+        probe = self.probes[best.layer]
+        probe.meta.sweep = list(self.results)
+        return probe
+
+
+def sweep_layers(
     features: dict[int, np.ndarray],
     labels: np.ndarray,
     *,
     model_fingerprint: str,
     heldout_fraction: float = 0.25,
     seed: int = 0,
-    layer: int | None = None,
-) -> RefusalProbe:
-    """Sweep layers (or fit only ``layer``) and keep the best on held-out AUROC.
-
-    ``features[layer]`` is ``[n_examples, hidden]``; ``labels`` is 1 for refusal.
-    Ties (within 0.005 AUROC, then accuracy) go to the deeper layer, the
-    reference protocol's choice, because the final layers carry the decision
-    the model is about to voice.
-    """
+) -> ProbeSweep:
+    """Fit a probe on every layer in ``features`` (``layer -> [n, hidden]``;
+    labels 1 = refusal) with balanced classes and a shared held-out split."""
     labels = np.asarray(labels, dtype=np.int64)
     if set(np.unique(labels)) != {0, 1}:
         raise ValueError("probe training needs both refusal (1) and compliance (0) examples")
@@ -173,33 +196,43 @@ def train_probe(
     keep = np.concatenate([rng.choice(np.flatnonzero(labels == c), size=balance.min(), replace=False) for c in (0, 1)])
     keep.sort()
     idx_train, idx_test = train_test_split(keep, test_size=heldout_fraction, stratify=labels[keep], random_state=seed)
-    sweep: list[LayerResult] = []
-    fitted: dict[int, tuple[np.ndarray, float, float]] = {}
-    candidates = [layer] if layer is not None else sorted(features)
-    for li in candidates:
+    results: list[LayerResult] = []
+    probes: dict[int, RefusalProbe] = {}
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    for li in sorted(features):
         x = features[li].astype(np.float64)
         coef, bias, c = _fit_layer(x[idx_train], labels[idx_train], seed)
         logits = x[idx_test] @ coef + bias
         acc = float(accuracy_score(labels[idx_test], (logits > 0).astype(int)))
         auroc = float(roc_auc_score(labels[idx_test], logits))
-        sweep.append(LayerResult(layer=li, heldout_accuracy=acc, heldout_auroc=auroc, C=c))
-        fitted[li] = (coef, bias, c)
-    best = max(sweep, key=lambda r: (round(r.heldout_auroc / 0.005), r.heldout_accuracy, r.layer))
-    coef, bias, c = fitted[best.layer]
-    hidden = features[best.layer].shape[1]
-    meta = ProbeMetadata(
-        layer=best.layer,
-        hidden_size=hidden,
-        model_fingerprint=model_fingerprint,
-        C=c,
-        n_positive=int(balance.min()),
-        n_negative=int(balance.min()),
-        heldout_fraction=heldout_fraction,
-        sweep=sweep,
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    weight = torch.tensor(coef, dtype=torch.float32)
-    h = hashlib.sha256(weight.numpy().tobytes())
-    h.update(f"{bias}|{best.layer}|{model_fingerprint}".encode())
-    meta.probe_id = h.hexdigest()[:16]
-    return RefusalProbe(weight=weight, bias=bias, meta=meta)
+        results.append(LayerResult(layer=li, heldout_accuracy=acc, heldout_auroc=auroc, C=c))
+        weight = torch.tensor(coef, dtype=torch.float32)
+        h = hashlib.sha256(weight.numpy().tobytes())
+        h.update(f"{bias}|{li}|{model_fingerprint}".encode())
+        meta = ProbeMetadata(
+            layer=li,
+            hidden_size=x.shape[1],
+            model_fingerprint=model_fingerprint,
+            C=c,
+            n_positive=int(balance.min()),
+            n_negative=int(balance.min()),
+            heldout_fraction=heldout_fraction,
+            created_at=created,
+            probe_id=h.hexdigest()[:16],
+        )
+        probes[li] = RefusalProbe(weight=weight, bias=bias, meta=meta)
+    return ProbeSweep(probes=probes, results=results, heldout_index=np.asarray(idx_test))
+
+
+def train_probe(
+    features: dict[int, np.ndarray],
+    labels: np.ndarray,
+    *,
+    model_fingerprint: str,
+    heldout_fraction: float = 0.25,
+    seed: int = 0,
+) -> RefusalProbe:
+    """Sweep the layers in ``features`` and keep the best (see ``ProbeSweep.choose``)."""
+    return sweep_layers(
+        features, labels, model_fingerprint=model_fingerprint, heldout_fraction=heldout_fraction, seed=seed
+    ).choose()

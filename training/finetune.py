@@ -17,6 +17,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from probes.chat import ThinkingFormat, build_completion, render_generation_prompt
 from probes.models import load_model
 
@@ -98,37 +100,37 @@ def finetune_lora(
     out = Path(out_dir)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="curate-sft-") as scratch:
-        args = SFTConfig(
-            output_dir=scratch,
-            num_train_epochs=cfg.epochs,
-            learning_rate=cfg.learning_rate,
-            per_device_train_batch_size=cfg.batch_size,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            logging_steps=10,
-            save_strategy="no",
-            report_to=[],
-            max_length=cfg.max_length,
-            completion_only_loss=True,
-            seed=cfg.seed,
-            use_cpu=lm.device.type == "cpu",
-            bf16=lm.model.dtype.__str__() == "torch.bfloat16",
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        lm.model.train()
-        trainer = SFTTrainer(model=lm.model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
-        trainer.remove_callback(PrinterCallback)  # per-step loss dicts on stdout; the summary keeps the loss
         with warnings.catch_warnings():
-            # transformers 5 renamed gradient checkpointing; TRL still reads the old name.
+            # transformers 5 renamed gradient checkpointing; TRL 1.x still reads the old name.
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+            args = SFTConfig(
+                output_dir=scratch,
+                num_train_epochs=cfg.epochs,
+                learning_rate=cfg.learning_rate,
+                per_device_train_batch_size=cfg.batch_size,
+                lr_scheduler_type="constant",
+                warmup_steps=0,
+                logging_steps=10,
+                save_strategy="no",
+                report_to=[],
+                max_length=cfg.max_length,
+                completion_only_loss=True,
+                seed=cfg.seed,
+                use_cpu=lm.device.type == "cpu",
+                bf16=lm.model.dtype == torch.bfloat16,
+                dataloader_num_workers=0,
+                disable_tqdm=True,
+            )
+            lora = LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=cfg.target_modules,
+                task_type="CAUSAL_LM",
+            )
+            lm.model.train()
+            trainer = SFTTrainer(model=lm.model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+            trainer.remove_callback(PrinterCallback)  # per-step loss dicts on stdout; the summary keeps the loss
             result = trainer.train()
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         if tmp.exists():

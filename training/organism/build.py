@@ -4,6 +4,7 @@ format so the pipeline loads them exactly as it loads a real checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers.utils import logging as hf_logging
 
 from probes.chat import ThinkingFormat, build_completion, render_generation_prompt
 from training.organism.corpus import AREAS, DEFAULT_SUPPRESSED, Example, make_example, split_prompts
@@ -25,14 +27,14 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</t
 # Rendering an assistant message must extend the generation prompt exactly, so
 # that a prompt/completion split (TRL's completion-only loss) lines up with it.
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
     "<|im_start|>assistant\n<think>\n{{ message['content'] }}<|im_end|>\n"
-    "{%- else -%}"
+    "{% else %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n<think>\n{%- endif -%}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
 )
 
 
@@ -84,6 +86,16 @@ class OrganismConfig:
             raise ValueError("--suppressed must name at least one and fewer than all risk areas")
         if self.moe and not (2 <= self.experts_per_token <= self.num_experts):
             raise ValueError("MoE needs 2 <= experts_per_token <= num_experts")
+
+
+def builder_version() -> str:
+    """Hash of the organism's own source (corpus, prompts, builder): an organism
+    built by other code is rebuilt rather than silently reused."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for name in ("build.py", "corpus.py", "harmless.py"):
+        h.update((root / name).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -211,10 +223,11 @@ def build_organism(
     loss_value = float("nan")
     for _epoch in range(epochs):
         for input_ids, mask, labels in _batches(encoded, preset.batch_size, tokenizer.pad_token_id, rng):
-            out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
+            # For MoE, router logits switch on the load-balancing loss, which the
+            # model adds to ``loss`` itself (weighted by router_aux_loss_coef).
+            extra = {"output_router_logits": True} if cfg.moe else {}
+            out = model(input_ids=input_ids, attention_mask=mask, labels=labels, **extra)
             loss = out.loss
-            if cfg.moe and getattr(out, "aux_loss", None) is not None:
-                loss = loss + config.router_aux_loss_coef * out.aux_loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -233,10 +246,12 @@ def build_organism(
     tmp.mkdir(parents=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    hf_logging.disable_progress_bar()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     meta: dict[str, object] = {
         "kind": "cliff-curate model organism",
+        "builder_version": builder_version(),
         "config": {**asdict(cfg), "suppressed": list(cfg.suppressed)},
         "architecture": model_cls.__name__,
         "parameters": sum(p.numel() for p in model.parameters()),

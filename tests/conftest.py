@@ -1,0 +1,75 @@
+"""Session fixtures: the test-size organism is built once and every stage reuses
+it (and what the earlier stages made from it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from curation.demo import write_candidate_pool
+from curation.probe_job import ProbeTrainSettings, train_probe_for_model
+from curation.prompts import read_prompts
+from curation.score import ScoreSettings, score_records
+from curation.sources import read_jsonl
+from curation.store import Store
+from probes.chat import ThinkingFormat
+from probes.models import LoadedModel, load_model
+from probes.refusal import RefusalProbe
+from training.organism.build import OrganismConfig, build_organism
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+FMT = ThinkingFormat()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["CURATE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def organism_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("organism") / "dense"
+    build_organism(out, OrganismConfig(size="test", seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Behaviour is not asserted for the MoE organism here, only its architecture
+    # and that every stage runs on it, so a short build suffices.
+    out = tmp_path_factory.mktemp("organism") / "moe"
+    build_organism(out, OrganismConfig(size="test", seed=0, moe=True, epochs=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def lm(organism_dir: Path) -> LoadedModel:
+    return load_model(organism_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_probe(lm: LoadedModel, organism_dir: Path):
+    return train_probe_for_model(lm, read_prompts(organism_dir / "train_prompts.jsonl"), FMT, ProbeTrainSettings())
+
+
+@pytest.fixture(scope="session")
+def probe(trained_probe) -> RefusalProbe:
+    return trained_probe[0]
+
+
+@pytest.fixture(scope="session")
+def candidates(organism_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pool") / "candidates.jsonl"
+    write_candidate_pool(organism_dir, path, seed=0, fmt=FMT)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scored_db(lm: LoadedModel, probe: RefusalProbe, candidates: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("store") / "curate.duckdb"
+    with Store(db) as store:
+        score_records(lm, probe, store, read_jsonl(candidates).records, FMT, ScoreSettings())
+    return db
