@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,14 @@ from rich.table import Table
 from curation.config import Option, add_options, load_config_file, resolve
 
 console = Console(stderr=True)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
 out_console = Console()
 
 _MODEL = [
@@ -22,13 +31,16 @@ _MODEL = [
     Option("--trust-remote-code", None, False, "allow a checkpoint's own Python code to run (off unless asked)"),
     Option("--think-open", str, "<think>", "marker that opens the reasoning"),
     Option("--think-close", str, "</think>", "marker that closes the reasoning"),
+    Option("--chat-template-kwargs", _json_object, None, 'JSON object passed to the chat template, e.g. \'{"enable_thinking": true}\''),
 ]
 
 
 def _fmt(s: dict[str, Any]):
     from probes.chat import ThinkingFormat
 
-    return ThinkingFormat(open_marker=s["think_open"], close_marker=s["think_close"])
+    return ThinkingFormat(
+        open_marker=s["think_open"], close_marker=s["think_close"], template_kwargs=dict(s.get("chat_template_kwargs") or {})
+    )
 
 
 def _load(s: dict[str, Any], adapter: str | None = None):

@@ -77,10 +77,10 @@ def resolve(
         if value is None:
             env_name = "CURATE_" + opt.dest.upper()
             if env_name in os.environ:
-                value = _convert(convert, os.environ[env_name], f"environment variable {env_name}")
+                value = convert_value(convert, os.environ[env_name], f"environment variable {env_name}")
             elif opt.dest in section or opt.dest in file_values:
                 raw = section.get(opt.dest, file_values.get(opt.dest))
-                value = raw if raw is None else _convert(convert, raw, f"config key '{opt.dest}'")
+                value = raw if raw is None else convert_value(convert, raw, f"config key '{opt.dest}'")
             else:
                 value = opt.default
         if opt.choices is not None and value is not None and value not in opt.choices:
@@ -91,7 +91,7 @@ def resolve(
     return resolved
 
 
-def _convert(convert: Callable[[str], Any], raw: Any, source: str) -> Any:
+def convert_value(convert: Callable[[str], Any], raw: Any, source: str) -> Any:
     try:
         if isinstance(raw, (list, dict)):
             return raw

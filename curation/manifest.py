@@ -1,0 +1,96 @@
+"""Run recipes (``manifests/*.yaml``): validated against the CLI's own option
+declarations, so a recipe cannot name an option the CLI does not have.
+
+A recipe is a ``--config`` file with one more section, ``recipe`` (what it is
+for). Top-level keys apply to every verb that has that option; a section named
+for a verb (``probe_train``, ``score``, ``select``, ``finetune``, ``evaluate``,
+``retain``, ``demo``, ``organism_build``) applies to that verb alone::
+
+    curate --config manifests/qwen3-8b-thinking.yaml score --probe P --data D --db DB
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from curation.cli import VERBS
+from curation.config import Option, convert_value, parse_bool
+
+
+class RecipeInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str
+    hf_id: str | None = None  # where to download the checkpoint from, outside this tool
+    architecture: str
+    template_opens_thinking: bool = Field(
+        description="whether the model's own chat template already opens the thinking block in the generation prompt"
+    )
+    gpu: str | None = None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    recipe: RecipeInfo
+
+
+def _options_by_section() -> dict[str, dict[str, Option]]:
+    return {verb.replace(" ", "_"): {o.dest: o for o in opts} for verb, (_, _, opts) in VERBS.items()}
+
+
+def validate_manifest(path: str | Path) -> tuple[Manifest, dict[str, Any]]:
+    """Parse and check a recipe; returns it and its raw mapping. Errors name the key."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a manifest is a mapping")
+    manifest = Manifest.model_validate(raw)
+    sections = _options_by_section()
+    all_options: dict[str, Option] = {}
+    for opts in sections.values():
+        all_options.update(opts)
+    for key, value in raw.items():
+        if key == "recipe":
+            continue
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: section '{key}' must be a mapping")
+            for name, sub in value.items():
+                if name not in sections[key]:
+                    raise ValueError(f"{path}: '{key}.{name}' is not an option of curate {key.replace('_', ' ')}")
+                _check_value(path, f"{key}.{name}", sections[key][name], sub)
+        elif key in all_options:
+            _check_value(path, key, all_options[key], value)
+        else:
+            raise ValueError(f"{path}: '{key}' is neither a verb section nor an option of any verb")
+    return manifest, raw
+
+
+def _check_value(path: Path, where: str, option: Option, value: Any) -> None:
+    if value is None:
+        return
+    try:
+        converted = convert_value(option.type or parse_bool, value, where)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if option.choices is not None and converted not in option.choices:
+        raise ValueError(f"{path}: '{where}' must be one of {list(option.choices)}, got {value!r}")
+
+
+def thinking_format(raw: dict[str, Any], section: str = "score"):
+    """The ThinkingFormat a recipe gives a verb (section keys over top-level ones)."""
+    from probes.chat import ThinkingFormat
+
+    merged = {**{k: v for k, v in raw.items() if not isinstance(v, dict) or k == "chat_template_kwargs"},
+              **raw.get(section, {})}
+    return ThinkingFormat(
+        open_marker=merged.get("think_open", "<think>"),
+        close_marker=merged.get("think_close", "</think>"),
+        template_kwargs=dict(merged.get("chat_template_kwargs") or {}),
+    )
