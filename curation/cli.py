@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from curation.config import Option, add_options, load_config_file, resolve
+from curation.select import STRATEGIES
 
 console = Console(stderr=True)
 
@@ -99,7 +100,8 @@ def cmd_score(s: dict[str, Any]) -> int:
     probe = RefusalProbe.load(s["probe"])
     read = read_jsonl(s["data"])
     lm = _load(s)
-    settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"])
+    settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"],
+                             judge_answers=s["judge_answers"])
     with Store(s["db"]) as store, Progress(console=console) as progress:
         store.add_quarantine(read.quarantined, None)
         task = progress.add_task("scoring", total=len(read.records))
@@ -175,6 +177,71 @@ def cmd_demo(s: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_experiment_selection(s: dict[str, Any]) -> int:
+    from curation.experiment import from_workdir, run_selection_experiment
+
+    overrides: dict[str, Any] = {
+        "budgets": tuple(b.strip() for b in s["budgets"].split(",") if b.strip()),
+        "strategies": tuple(x.strip() for x in s["strategies"].split(",") if x.strip()),
+        "random_seeds": s["random_seeds"],
+        "include_full": not s["no_full"],
+    }
+    bad = sorted(set(overrides["strategies"]) - set(STRATEGIES) | ({"full"} & set(overrides["strategies"])))
+    if bad:
+        raise ValueError(f"--strategies: {bad} not allowed (choose from {[x for x in STRATEGIES if x != 'full']}; full is always run unless --no-full)")
+    exp = from_workdir(s["workdir"], **overrides)
+    if s["out"]:
+        exp.out = s["out"]
+    doc = run_selection_experiment(exp, _fmt(s), progress=lambda name: console.print(f"run {name}"))
+    table = Table(title="selection experiment (mean over seeds)")
+    for col in ("strategy", "budget", "runs", "ASR suppressed", "ASR all", "over-refusal", "KL harmless"):
+        table.add_column(col, justify="right")
+
+    def pct(v: float | None, sd: float | None = None) -> str:
+        if v is None:
+            return "—"
+        return f"{100 * v:.1f}%" + (f" ± {100 * sd:.1f}" if sd else "")
+
+    for r in doc["summary"]:
+        kl = "—" if r["kl_harmless"] is None else f"{r['kl_harmless']:.4f}"
+        table.add_row(r["strategy"], r["budget"], str(r["n_runs"]), pct(r["asr_suppressed"], r["asr_suppressed_sd"]),
+                      pct(r["asr_all"], r["asr_all_sd"]), pct(r["over_refusal"]), kl)
+    out_console.print(table)
+    out_console.print(f"results: {exp.out}/selection_experiment.json and .html")
+    return 0
+
+
+def cmd_heads(s: dict[str, Any]) -> int:
+    from curation.heads_job import HeadsSettings, export_scaled_model, run_heads
+    from curation.prompts import read_prompts
+    from probes.refusal import RefusalProbe
+
+    model_dir = Path(s["model"])
+    attribution = read_prompts(s["prompts"] or model_dir / "train_prompts.jsonl")
+    evaluation = read_prompts(s["eval_prompts"] or model_dir / "heldout_prompts.jsonl")
+    ks = tuple(float(k) for k in s["ks"].split(",") if k.strip())
+    if not ks or any(not 0 < k <= 100 for k in ks):
+        raise ValueError("--ks takes percentages above 0 and at most 100, e.g. 1,3,5")
+    if s["export_top"] and not s["export_out"]:
+        raise ValueError("--export-top needs --export-out")
+    settings = HeadsSettings(ks=ks, gamma=s["gamma"], keep_norm=s["keep_norm"], max_new_tokens=s["max_new_tokens"],
+                             batch_size=s["batch_size"], seed=s["seed"])
+    doc = run_heads(_load(s), RefusalProbe.load(s["probe"]), attribution, evaluation, _fmt(s), settings, s["out"],
+                    progress=lambda msg: console.print(f"ablating: {msg}"))
+    table = Table(title=f"head ablation (gamma {settings.gamma}); ASR without ablation {doc['base']['asr']:.3f}")
+    for col in ("k %", "heads", "ASR top", "ASR random", "over-refusal top", "over-refusal random"):
+        table.add_column(col, justify="right")
+    for r in doc["sweep"]:
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in
+                        (r["k_percent"], r["n_heads"], r["top_asr"], r["random_asr"], r["top_over_refusal"], r["random_over_refusal"])))
+    out_console.print(table)
+    out_console.print(f"top suppression heads (layer, head): {doc['ranking'][:5]}; report {s['out']}/heads.html")
+    if s["export_top"]:
+        path = export_scaled_model(model_dir, [tuple(h) for h in doc["ranking"][: s["export_top"]]], settings.gamma, s["export_out"])
+        out_console.print(f"model with the top {s['export_top']} heads scaled by {settings.gamma} saved to {path}")
+    return 0
+
+
 # --- wiring ------------------------------------------------------------------
 
 VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
@@ -206,11 +273,12 @@ VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
         Option("--batch-size", int, 16, "generation batch size"),
         Option("--chunk-size", int, 64, "examples per committed transaction"),
         Option("--strict", None, False, "exit 1 if any row was quarantined"),
+        Option("--judge-answers", None, False, "also generate each answer and store the judge's verdict (for --strategy rule)"),
     ] + _MODEL),
     "select": (cmd_select, "select a budgeted slice and export it as training pairs", [
         Option("--db", str, None, "DuckDB file", required=True),
         Option("--budget", str, "1.7%", "a percent (1.7%), a fraction (0.017) or a count (500)"),
-        Option("--strategy", str, "cliff", "cliff (top MS), random, full", choices=("cliff", "random", "full")),
+        Option("--strategy", str, "cliff", "cliff (top MS), random, full, low-final, plateau, rule", choices=STRATEGIES),
         Option("--seed", int, 0, "seed for random"),
         Option("--out", str, None, "output jsonl", required=True),
         Option("--target", str, "own-reasoning", "own-reasoning (paper recipe) or candidate", choices=("own-reasoning", "candidate")),
@@ -245,6 +313,31 @@ VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
         Option("--out", str, None, "output JSON", required=True),
         Option("--max-new-tokens", int, 192, "generation cap (reasoning + answer)"),
         Option("--batch-size", int, 16, "generation batch size"),
+    ] + _MODEL),
+    "experiment selection": (cmd_experiment_selection, "fine-tune on each selection strategy and budget and compare", [
+        Option("--workdir", str, "runs/demo", "a curate demo work directory (organism, store, retain set)"),
+        Option("--budgets", str, "0.5%,1.7%,5%", "comma-separated budgets"),
+        Option("--strategies", str, "cliff,random,low-final,plateau,rule", "comma-separated strategies (full runs once)"),
+        Option("--random-seeds", int, 3, "seeds for random and rule"),
+        Option("--no-full", None, False, "skip the full-data run"),
+        Option("--out", str, None, "output folder (default: WORKDIR/experiment_selection)"),
+        Option("--think-open", str, "<think>", "marker that opens the reasoning"),
+        Option("--think-close", str, "</think>", "marker that closes the reasoning"),
+    ]),
+    "heads": (cmd_heads, "rank refusal-suppression heads and ablate the top k% against random heads", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--probe", str, None, "probe directory", required=True),
+        Option("--out", str, None, "output folder (heads.json, heads.html)", required=True),
+        Option("--prompts", str, None, "prompts for attribution; harmful rows are used (default MODEL/train_prompts.jsonl)"),
+        Option("--eval-prompts", str, None, "prompts for ASR/over-refusal (default MODEL/heldout_prompts.jsonl)"),
+        Option("--ks", str, "1,3,5,10", "percentages of all heads to ablate"),
+        Option("--gamma", float, 0.0, "scale for ablated heads (0 removes them)"),
+        Option("--keep-norm", None, False, "rescale each token's attention output to its original norm"),
+        Option("--max-new-tokens", int, 128, "reasoning length cap"),
+        Option("--batch-size", int, 16, "batch size"),
+        Option("--seed", int, 0, "seed for the random-heads control"),
+        Option("--export-top", int, None, "also save a model with this many top heads scaled in the weights"),
+        Option("--export-out", str, None, "where to save that model"),
     ] + _MODEL),
     "demo": (cmd_demo, "run the whole pipeline on the bundled model organism", [
         Option("--workdir", str, "runs/demo", "work directory"),

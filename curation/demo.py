@@ -51,7 +51,9 @@ class DemoConfig:
     strategy: str = "cliff"
     retain_size: int = 64
     rebuild: bool = False
-    score: ScoreSettings = field(default_factory=ScoreSettings)
+    # Judged answers cost a few tokens on the organism and let the selection
+    # experiment run its rule-based baseline on the demo's store.
+    score: ScoreSettings = field(default_factory=lambda: ScoreSettings(judge_answers=True))
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 

@@ -20,6 +20,7 @@ from probes.forward import probe_traces
 from probes.generate import generate
 from probes.models import LoadedModel
 from probes.refusal import RefusalProbe
+from training.judge import SubstringJudge
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class ScoreSettings:
     batch_size: int = 16
     chunk_size: int = 64  # examples per committed transaction
     smoothing_window: int = 3
+    # Generate through the answer and store the judge's verdict on it (the
+    # rule-based baseline needs it); costs the answer's tokens.
+    judge_answers: bool = False
+    answer_tokens: int = 96
 
 
 @dataclass
@@ -56,7 +61,9 @@ def score_records(
     run_id = run_id or uuid.uuid4().hex[:12]
     store.start_run(run_id, "score", {"settings": settings.__dict__, "format": fmt.close_marker}, lm.fingerprint, probe.probe_id)
     n_new = store.add_examples(records)
-    pending_ids = set(store.unscored_ids([r.id for r in records], lm.fingerprint, probe.probe_id))
+    pending_ids = set(
+        store.unscored_ids([r.id for r in records], lm.fingerprint, probe.probe_id, need_verdict=settings.judge_answers)
+    )
     pending = [r for r in records if r.id in pending_ids]
     already = len(records) - len(pending)
     n_unclosed = 0
@@ -66,7 +73,7 @@ def score_records(
             chunk = pending[start : start + settings.chunk_size]
             rows = _score_chunk(lm, probe, chunk, fmt, settings, run_id)
             n_unclosed += sum(1 for r in rows if not r.closed)
-            store.add_scores(rows)
+            store.add_scores(rows, replace=settings.judge_answers)
             if progress is not None:
                 progress(len(chunk))
         status = "done"
@@ -87,17 +94,22 @@ def _score_chunk(
     settings: ScoreSettings,
     run_id: str,
 ) -> list[ScoreRow]:
-    gens = generate(lm, [r.prompt for r in chunk], fmt, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    budget = settings.max_new_tokens + (settings.answer_tokens if settings.judge_answers else 0)
+    gens = generate(
+        lm, [r.prompt for r in chunk], fmt, max_new_tokens=budget, batch_size=settings.batch_size,
+        stop_at_close=not settings.judge_answers,
+    )
+    judge = SubstringJudge()
     close_ids = lm.tokenizer.encode("\n" + fmt.close_marker, add_special_tokens=False)
     sequences: list[list[int]] = []
     spans: list[tuple[int, int]] = []
     for g in gens:
-        if g.close_index is not None:
+        if g.close_index is not None and g.close_index < settings.max_new_tokens:
             reasoning_ids = g.generated_ids[: g.close_index + 1]
         else:
             # A length-capped trace is closed by force: I′ is then read where the
             # model would have to commit if it stopped thinking now.
-            reasoning_ids = g.generated_ids + close_ids
+            reasoning_ids = g.generated_ids[: settings.max_new_tokens] + close_ids
         seq = g.prompt_ids + reasoning_ids
         sequences.append(seq)
         spans.append((len(g.prompt_ids), len(seq)))
@@ -105,6 +117,8 @@ def _score_chunk(
     rows = []
     for record, g, trace in zip(chunk, gens, traces, strict=True):
         m = cliff_metrics(trace, settings.smoothing_window)
+        split = split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt)
+        closed = g.close_index is not None and g.close_index < settings.max_new_tokens
         rows.append(
             ScoreRow(
                 example_id=record.id,
@@ -117,10 +131,11 @@ def _score_chunk(
                 cliff_relative=m.cliff_relative,
                 steepness=m.steepness,
                 n_tokens=m.n_tokens,
-                closed=g.close_index is not None,
-                reasoning=split_completion(g.text, fmt).reasoning,
+                closed=closed,
+                reasoning=split.reasoning if closed else lm.tokenizer.decode(g.generated_ids[: settings.max_new_tokens]),
                 trace=[float(x) for x in trace],
                 run_id=run_id,
+                answer_verdict=judge.judge(split.answer) if settings.judge_answers else None,
             )
         )
     return rows

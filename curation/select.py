@@ -18,8 +18,17 @@ from curation.sources import split_response
 from curation.store import Store
 from probes.chat import ThinkingFormat
 
-Strategy = Literal["cliff", "random", "full"]
-STRATEGIES: tuple[str, ...] = ("cliff", "random", "full")
+# cliff: top MS. random: seeded sample. full: everything. Baselines from the
+# source paper: low-final (lowest final score I′ only: what its public ranking
+# script sorts by), plateau (highest plateau I only), rule (examples whose own
+# answer the keyword judge did not call a refusal, sampled to the budget).
+Strategy = Literal["cliff", "random", "full", "low-final", "plateau", "rule"]
+STRATEGIES: tuple[str, ...] = ("cliff", "random", "full", "low-final", "plateau", "rule")
+_ORDER_BY = {
+    "cliff": "misalignment DESC, example_id",
+    "low-final": "final ASC, example_id",
+    "plateau": "plateau DESC, example_id",
+}
 TargetMode = Literal["own-reasoning", "candidate"]
 
 
@@ -103,21 +112,28 @@ def select_ids(store: Store, strategy: str, budget: Budget, seed: int, model_fin
     """(chosen ids in rank order, pool size, hash of the rows read)."""
     if strategy not in STRATEGIES:
         raise BudgetError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if not store.score_keys():
+        raise BudgetError(f"{store.path} holds no scores; run curate score first")
     pool = store.scored_pool(model_fingerprint, probe_id)
-    ranked = pool.order("misalignment DESC, example_id").project("example_id, misalignment").fetchall()
-    n_pool = len(ranked)
+    rows = pool.order("example_id").project("example_id, misalignment, plateau, final, answer_verdict").fetchall()
+    n_pool = len(rows)
     digest = hashlib.sha256()
-    for example_id, ms in ranked:
-        digest.update(f"{example_id}:{ms:.9g};".encode())
+    for example_id, ms, plateau, final, verdict in rows:
+        digest.update(f"{example_id}:{ms:.9g}:{plateau:.9g}:{final:.9g}:{verdict};".encode())
     n = n_pool if strategy == "full" else budget.count(n_pool)
-    if strategy == "cliff":
-        ids = [r[0] for r in ranked[:n]]
+    rng = np.random.default_rng(seed)
+    if strategy in _ORDER_BY:
+        ids = [r[0] for r in pool.order(_ORDER_BY[strategy]).limit(n).project("example_id").fetchall()]
     elif strategy == "random":
-        ordered = sorted(r[0] for r in ranked)
-        rng = np.random.default_rng(seed)
-        ids = [ordered[i] for i in sorted(rng.choice(n_pool, size=n, replace=False))]
+        ids = [rows[i][0] for i in sorted(rng.choice(n_pool, size=n, replace=False))]
+    elif strategy == "rule":
+        if any(r[4] is None for r in rows):
+            raise BudgetError("--strategy rule needs the model's own answers: score with --judge-answers")
+        eligible = [r[0] for r in rows if r[4] != "refusal"]
+        take = min(n, len(eligible))  # fewer eligible than the budget: all of them (the manifest says so)
+        ids = [eligible[i] for i in sorted(rng.choice(len(eligible), size=take, replace=False))] if take else []
     else:
-        ids = [r[0] for r in ranked]
+        ids = [r[0] for r in rows]
     return ids, n_pool, digest.hexdigest()[:16]
 
 

@@ -44,6 +44,9 @@ SCHEMA = (
         scored_at TIMESTAMP NOT NULL,
         run_id VARCHAR NOT NULL,
         PRIMARY KEY (example_id, model_fingerprint, probe_id))""",
+    # The keyword judge's verdict on the model's own answer, when scoring
+    # generated through the answer (--judge-answers); the rule baseline reads it.
+    "ALTER TABLE scores ADD COLUMN IF NOT EXISTS answer_verdict VARCHAR",
     """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY,
         kind VARCHAR NOT NULL,
@@ -80,6 +83,7 @@ class ScoreRow:
     reasoning: str
     trace: list[float]
     run_id: str
+    answer_verdict: str | None = None
 
 
 def _now() -> datetime:
@@ -151,33 +155,39 @@ class Store:
         return int(row[0]) if row else 0
 
     # scores ---------------------------------------------------------------
-    def unscored_ids(self, ids: Sequence[str], model_fingerprint: str, probe_id: str) -> list[str]:
-        """Of ``ids``, those with no score row for this model and probe (order kept)."""
+    def unscored_ids(
+        self, ids: Sequence[str], model_fingerprint: str, probe_id: str, need_verdict: bool = False
+    ) -> list[str]:
+        """Of ``ids``, those with no score row for this model and probe (order
+        kept); with ``need_verdict``, also those scored without an answer verdict."""
         if not ids:
             return []
         scored = {
             r[0]
             for r in self.con.execute(
-                "SELECT example_id FROM scores WHERE model_fingerprint = ? AND probe_id = ? AND example_id IN (SELECT unnest(?))",
-                [model_fingerprint, probe_id, list(ids)],
+                "SELECT example_id FROM scores WHERE model_fingerprint = ? AND probe_id = ? AND example_id IN (SELECT unnest(?)) "
+                "AND (NOT ? OR answer_verdict IS NOT NULL)",
+                [model_fingerprint, probe_id, list(ids), need_verdict],
             ).fetchall()
         }
         return [i for i in ids if i not in scored]
 
-    def add_scores(self, rows: Sequence[ScoreRow]) -> None:
-        """Insert one batch of score rows atomically (all or nothing)."""
+    def add_scores(self, rows: Sequence[ScoreRow], replace: bool = False) -> None:
+        """Insert one batch of score rows atomically (all or nothing). Existing
+        keys are kept, or overwritten with ``replace`` (adding answer verdicts)."""
         now = _now()
         data = [
             [r.example_id, r.model_fingerprint, r.probe_id, r.plateau, r.final, r.misalignment, r.cliff_position,
-             r.cliff_relative, r.steepness, r.n_tokens, r.closed, r.reasoning, r.trace, now, r.run_id]
+             r.cliff_relative, r.steepness, r.n_tokens, r.closed, r.reasoning, r.trace, now, r.run_id, r.answer_verdict]
             for r in rows
         ]
         self.con.execute("BEGIN TRANSACTION")
         try:
+            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
             self.con.executemany(
-                "INSERT OR IGNORE INTO scores (example_id, model_fingerprint, probe_id, plateau, final, misalignment, "
-                "cliff_position, cliff_relative, steepness, n_tokens, closed, reasoning, trace, scored_at, run_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"{verb} INTO scores (example_id, model_fingerprint, probe_id, plateau, final, misalignment, "
+                "cliff_position, cliff_relative, steepness, n_tokens, closed, reasoning, trace, scored_at, run_id, answer_verdict) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 data,
             )
             self.con.execute("COMMIT")
@@ -199,7 +209,7 @@ class Store:
         """Scored examples for one model and probe, joined to their content."""
         return self.con.sql(
             "SELECT s.example_id, e.prompt, e.response, e.category, e.source, s.plateau, s.final, s.misalignment, "
-            "s.cliff_position, s.reasoning, s.closed FROM scores s JOIN examples e ON e.id = s.example_id "
+            "s.cliff_position, s.reasoning, s.closed, s.answer_verdict FROM scores s JOIN examples e ON e.id = s.example_id "
             "WHERE s.model_fingerprint = $fp AND s.probe_id = $probe",
             params={"fp": model_fingerprint, "probe": probe_id},
         )

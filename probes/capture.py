@@ -107,3 +107,29 @@ def stop_after_layer(model: nn.Module, layer: int) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+# Attribute names of a block's attention module and of its output projection.
+_ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
+_OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
+
+
+def find_attention_output(block: nn.Module) -> nn.Linear:
+    """The linear map from concatenated head outputs to the residual stream."""
+    for attn_name in _ATTN_NAMES:
+        attn = getattr(block, attn_name, None)
+        if attn is None:
+            continue
+        for proj_name in _OUT_PROJ_NAMES:
+            proj = getattr(attn, proj_name, None)
+            if isinstance(proj, nn.Linear):
+                return proj
+    raise ValueError(f"cannot find the attention output projection in {type(block).__name__}")
+
+
+def attention_head_layout(model: nn.Module) -> tuple[int, int]:
+    """(number of query heads, head dimension) from the model's config."""
+    config = _unwrap(model).config.get_text_config()
+    n_heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+    return n_heads, head_dim

@@ -16,7 +16,7 @@ from probes.models import LoadedModel
 from probes.refusal import RefusalProbe
 
 
-def _batched_residuals(
+def batched_residuals(
     lm: LoadedModel,
     sequences: Sequence[list[int]],
     layers: Sequence[int],
@@ -59,7 +59,7 @@ def hidden_at_positions(
     if any(len(p) != 1 for p in positions):
         raise ValueError("hidden_at_positions takes exactly one position per sequence")
     out: dict[int, np.ndarray] = {}
-    for idx, captured in _batched_residuals(lm, sequences, layers, batch_size):
+    for idx, captured in batched_residuals(lm, sequences, layers, batch_size):
         for layer, hidden in captured.items():
             if layer not in out:
                 out[layer] = np.zeros((len(sequences), hidden.shape[-1]), dtype=np.float32)
@@ -80,7 +80,7 @@ def probe_traces(
     """Per-token refusal scores over ``spans[i] = (start, end)`` (end exclusive) of
     each teacher-forced sequence. Scores are computed on the model's device."""
     traces: list[np.ndarray | None] = [None] * len(sequences)
-    for idx, captured in _batched_residuals(lm, sequences, [probe.layer], batch_size):
+    for idx, captured in batched_residuals(lm, sequences, [probe.layer], batch_size):
         hidden = captured[probe.layer % num_layers(lm.model)]
         scores = probe.scores(hidden).cpu().numpy()
         for row, i in enumerate(idx):
@@ -103,7 +103,7 @@ def span_mean_scores(
     in one pass that reads every probed layer (no hidden states are kept)."""
     out = {layer: np.zeros(len(sequences)) for layer in probes}
     n_layers = num_layers(lm.model)
-    for idx, captured in _batched_residuals(lm, sequences, list(probes), batch_size):
+    for idx, captured in batched_residuals(lm, sequences, list(probes), batch_size):
         for layer, probe in probes.items():
             scores = probe.scores(captured[layer % n_layers]).cpu().numpy()
             for row, i in enumerate(idx):

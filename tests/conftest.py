@@ -19,6 +19,7 @@ from probes.chat import ThinkingFormat
 from probes.models import LoadedModel, load_model
 from probes.refusal import RefusalProbe
 from training.organism.build import OrganismConfig, build_organism
+from training.retain import build_retain_set
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 FMT = ThinkingFormat()
@@ -71,5 +72,13 @@ def candidates(organism_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def scored_db(lm: LoadedModel, probe: RefusalProbe, candidates: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     db = tmp_path_factory.mktemp("store") / "curate.duckdb"
     with Store(db) as store:
-        score_records(lm, probe, store, read_jsonl(candidates).records, FMT, ScoreSettings())
+        score_records(lm, probe, store, read_jsonl(candidates).records, FMT, ScoreSettings(judge_answers=True))
     return db
+
+
+@pytest.fixture(scope="session")
+def retain_file(lm: LoadedModel, organism_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("retain") / "retain.jsonl"
+    harmless = [p for p in read_prompts(organism_dir / "train_prompts.jsonl") if not p.harmful][:48]
+    build_retain_set(lm, harmless, path, FMT)
+    return path

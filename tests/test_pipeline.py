@@ -21,7 +21,6 @@ from probes.refusal import RefusalProbe
 from training.evaluate import EvalSettings, evaluate_prompts
 from training.finetune import FinetuneConfig, finetune_lora
 from training.organism.corpus import DEFAULT_SUPPRESSED
-from training.retain import build_retain_set
 
 from .conftest import FMT
 
@@ -117,14 +116,13 @@ def test_select_random_full_and_errors(scored_db: Path, tmp_path: Path) -> None:
 
 
 def test_finetune_on_the_cliff_slice_lowers_suppressed_asr(
-    lm: LoadedModel, scored_db: Path, organism_dir: Path, tmp_path: Path
+    lm: LoadedModel, scored_db: Path, organism_dir: Path, retain_file: Path, tmp_path: Path
 ) -> None:
     sel = tmp_path / "sel.jsonl"
     with Store(scored_db, read_only=True) as store:
         export_selection(store, sel, strategy="cliff", budget_text="1.7%", fmt=FMT)
-    harmless = [p for p in read_prompts(organism_dir / "train_prompts.jsonl") if not p.harmful][:48]
-    retain = tmp_path / "retain.jsonl"
-    assert build_retain_set(lm, harmless, retain, FMT) >= 40
+    retain = retain_file
+    assert len(retain.read_text().splitlines()) >= 40
     adapter = tmp_path / "adapter"
     summary = finetune_lora(organism_dir, sel, adapter, FinetuneConfig(), FMT, retain_file=retain)
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
@@ -172,3 +170,57 @@ def test_cli_select_and_evaluate(scored_db: Path, organism_dir: Path, tmp_path: 
     assert main(["evaluate", "--model", str(organism_dir), "--prompts", str(prompts), "--out", str(report)]) == 0
     data = json.loads(report.read_text())
     assert data["n_harmful"] == 2 and data["n_harmless"] == 0 and data["over_refusal"] is None
+
+
+def test_rule_and_score_only_strategies(scored_db: Path, tmp_path: Path) -> None:
+    with Store(scored_db, read_only=True) as store:
+        verdicts = dict(store.con.execute("SELECT example_id, answer_verdict FROM scores").fetchall())
+        finals = dict(store.con.execute("SELECT example_id, final FROM scores").fetchall())
+        plateaus = dict(store.con.execute("SELECT example_id, plateau FROM scores").fetchall())
+        rule = export_selection(store, tmp_path / "rule.jsonl", strategy="rule", budget_text="20", seed=0)
+        low = export_selection(store, tmp_path / "low.jsonl", strategy="low-final", budget_text="20")
+        high = export_selection(store, tmp_path / "plateau.jsonl", strategy="plateau", budget_text="20")
+    assert set(verdicts.values()) <= {"refusal", "compliance", "no_answer"} and "compliance" in verdicts.values()
+    assert all(verdicts[i] != "refusal" for i in rule.ids) and rule.n_selected == 20
+    assert max(finals[i] for i in low.ids) <= min(v for k, v in finals.items() if k not in set(low.ids))
+    assert min(plateaus[i] for i in high.ids) >= max(v for k, v in plateaus.items() if k not in set(high.ids))
+
+
+def test_selection_experiment_runs_every_strategy_and_resumes(
+    organism_dir: Path, scored_db: Path, retain_file: Path, tmp_path: Path
+) -> None:
+    from curation.experiment import SelectionExperiment, run_selection_experiment
+
+    exp = SelectionExperiment(
+        model=str(organism_dir), db=str(scored_db), retain=str(retain_file),
+        eval_prompts=str(organism_dir / "heldout_prompts.jsonl"), out=str(tmp_path / "exp"),
+        budgets=("1.7%",), random_seeds=1, include_full=False, suppressed=DEFAULT_SUPPRESSED,
+    )
+    doc = run_selection_experiment(exp, FMT)
+    rows = {r["strategy"]: r for r in doc["rows"]}
+    assert set(rows) == {"base", "cliff", "random", "low-final", "plateau", "rule"}
+    for name, row in rows.items():
+        assert row["asr_all"] is not None and row["over_refusal"] is not None, name
+        assert row["kl_harmless"] is not None and row["kl_harmless"] >= 0.0
+    assert rows["cliff"]["share_suppressed"] >= 0.6
+    assert rows["cliff"]["asr_suppressed"] < rows["base"]["asr_suppressed"]
+    assert (tmp_path / "exp" / "selection_experiment.html").exists()
+    stamp = (tmp_path / "exp" / "runs" / "cliff_1.7pct_s0" / "result.json").stat().st_mtime_ns
+    again = run_selection_experiment(exp, FMT)  # finished runs are reused, not repeated
+    assert (tmp_path / "exp" / "runs" / "cliff_1.7pct_s0" / "result.json").stat().st_mtime_ns == stamp
+    assert again["rows"] == doc["rows"]
+
+
+def test_judge_answers_fills_verdicts_on_rows_scored_without(
+    lm: LoadedModel, probe: RefusalProbe, candidates: Path, tmp_path: Path
+) -> None:
+    records = read_jsonl(candidates).records[:12]
+    with Store(tmp_path / "s.duckdb") as store:
+        score_records(lm, probe, store, records, FMT, ScoreSettings())
+        before = store.con.execute("SELECT example_id, misalignment, answer_verdict FROM scores ORDER BY 1").fetchall()
+        summary = score_records(lm, probe, store, records, FMT, ScoreSettings(judge_answers=True))
+        after = store.con.execute("SELECT example_id, misalignment, answer_verdict FROM scores ORDER BY 1").fetchall()
+        again = score_records(lm, probe, store, records, FMT, ScoreSettings(judge_answers=True))
+    assert all(v is None for _, _, v in before) and all(v is not None for _, _, v in after)
+    assert summary.n_scored == 12 and again.n_scored == 0 and len(after) == 12
+    assert [(i, round(m, 6)) for i, m, _ in before] == [(i, round(m, 6)) for i, m, _ in after]
