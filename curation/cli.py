@@ -26,12 +26,15 @@ def _json_object(text: str) -> dict[str, Any]:
 
 out_console = Console()
 
+_MARKERS = [
+    Option("--think-open", str, "<think>", "marker that opens the reasoning"),
+    Option("--think-close", str, "</think>", "marker that closes the reasoning"),
+]
 _MODEL = [
     Option("--device", str, "auto", "cpu, cuda, cuda:1 or auto"),
     Option("--dtype", str, "auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"),
     Option("--trust-remote-code", None, False, "allow a checkpoint's own Python code to run (off unless asked)"),
-    Option("--think-open", str, "<think>", "marker that opens the reasoning"),
-    Option("--think-close", str, "</think>", "marker that closes the reasoning"),
+    *_MARKERS,
     Option("--chat-template-kwargs", _json_object, None, 'JSON object passed to the chat template, e.g. \'{"enable_thinking": true}\''),
 ]
 
@@ -97,9 +100,9 @@ def cmd_score(s: dict[str, Any]) -> int:
     from curation.store import Store
     from probes.refusal import RefusalProbe
 
-    probe = RefusalProbe.load(s["probe"])
     read = read_jsonl(s["data"])
     lm = _load(s)
+    probe = RefusalProbe.load_for(s["probe"], lm)
     settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"],
                              judge_answers=s["judge_answers"])
     with Store(s["db"]) as store, Progress(console=console) as progress:
@@ -226,7 +229,8 @@ def cmd_heads(s: dict[str, Any]) -> int:
         raise ValueError("--export-top needs --export-out")
     settings = HeadsSettings(ks=ks, gamma=s["gamma"], keep_norm=s["keep_norm"], max_new_tokens=s["max_new_tokens"],
                              batch_size=s["batch_size"], seed=s["seed"])
-    doc = run_heads(_load(s), RefusalProbe.load(s["probe"]), attribution, evaluation, _fmt(s), settings, s["out"],
+    lm = _load(s)
+    doc = run_heads(lm, RefusalProbe.load_for(s["probe"], lm), attribution, evaluation, _fmt(s), settings, s["out"],
                     progress=lambda msg: console.print(f"ablating: {msg}"))
     table = Table(title=f"head ablation (gamma {settings.gamma}); ASR without ablation {doc['base']['asr']:.3f}")
     for col in ("k %", "heads", "ASR top", "ASR random", "over-refusal top", "over-refusal random"):
@@ -240,6 +244,48 @@ def cmd_heads(s: dict[str, Any]) -> int:
         path = export_scaled_model(model_dir, [tuple(h) for h in doc["ranking"][: s["export_top"]]], settings.gamma, s["export_out"])
         out_console.print(f"model with the top {s['export_top']} heads scaled by {settings.gamma} saved to {path}")
     return 0
+
+
+def cmd_bench(s: dict[str, Any]) -> int:
+    from curation.bench import run_scoring_bench, run_select_bench
+    from training.report import write_json_atomic
+
+    if s["select"]:
+        result = run_select_bench(s["rows"], s["budget"])
+        out_console.print(
+            f"select --budget {result['budget']} over {result['rows']:,} score rows: {result['n_selected']:,} selected "
+            f"and exported in {result['select_seconds']:.2f} s (store filled in {result['fill_seconds']:.1f} s)"
+        )
+        if s["out"]:
+            write_json_atomic(s["out"], {"select": result})
+        return 0
+    model_dir = Path(s["model"])
+    prompts = s["prompts"] or str(model_dir / "train_prompts.jsonl")
+    result = run_scoring_bench(str(model_dir), s["probe"], prompts, n=s["n"], max_new_tokens=s["max_new_tokens"],
+                               batch_size=s["batch_size"], device=s["device"], dtype=s["dtype"], tolerance=s["tolerance"])
+    for name in ("full_scoring", "rescoring"):
+        part = result[name]
+        table = Table(title=f"{name.replace('_', ' ')}: {result['n']} examples, {result['device']} {result['dtype']}")
+        for col in ("", "examples/s", "scored tokens/s", "peak RSS MB", "peak above load MB", "peak device MB"):
+            table.add_column(col, justify="right")
+        for side in ("engine", "baseline"):
+            r = part[side]
+            dev = "—" if r["peak_device_mb"] is None else f"{r['peak_device_mb']:.0f}"
+            table.add_row(side, f"{r['examples_per_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mb']:.0f}",
+                          f"{r['peak_above_load_mb']:.0f}", dev)
+        ratio = part["ratio_engine_over_baseline"]
+        table.add_row("engine / baseline", f"{ratio['examples_per_s']:.2f}x", f"{ratio['tokens_per_s']:.2f}x",
+                      f"{ratio['peak_rss']:.2f}x", "", f"{ratio['peak_device']:.2f}x" if "peak_device" in ratio else "—")
+        out_console.print(table)
+        agreement = result["full_agreement" if name == "full_scoring" else "rescoring_agreement"]
+        out_console.print(f"scores agree: {agreement['agree']} (max |diff| {agreement['max_abs_diff']}, identical reasoning on "
+                          f"{agreement['n_identical_reasoning']}/{agreement['n']})")
+    if s["out"]:
+        write_json_atomic(s["out"], result)
+    ok = result["full_agreement"]["agree"] and result["rescoring_agreement"]["agree"]
+    if not ok:
+        console.print("[red]engine and baseline scores disagree[/red]")
+    return 0 if ok else 1
 
 
 # --- wiring ------------------------------------------------------------------
@@ -284,9 +330,7 @@ VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
         Option("--target", str, "own-reasoning", "own-reasoning (paper recipe) or candidate", choices=("own-reasoning", "candidate")),
         Option("--model-fingerprint", str, None, "which model's scores (default: most recent)"),
         Option("--probe-id", str, None, "which probe's scores (default: most recent)"),
-        Option("--think-open", str, "<think>", "marker that opens the reasoning"),
-        Option("--think-close", str, "</think>", "marker that closes the reasoning"),
-    ]),
+    ] + _MARKERS),
     "retain": (cmd_retain, "make a retain set from the model's own answers to harmless prompts", [
         Option("--model", str, None, "model directory", required=True),
         Option("--prompts", str, None, "jsonl prompts; rows with harmful=false are used", required=True),
@@ -321,9 +365,7 @@ VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
         Option("--random-seeds", int, 3, "seeds for random and rule"),
         Option("--no-full", None, False, "skip the full-data run"),
         Option("--out", str, None, "output folder (default: WORKDIR/experiment_selection)"),
-        Option("--think-open", str, "<think>", "marker that opens the reasoning"),
-        Option("--think-close", str, "</think>", "marker that closes the reasoning"),
-    ]),
+    ] + _MARKERS),
     "heads": (cmd_heads, "rank refusal-suppression heads and ablate the top k% against random heads", [
         Option("--model", str, None, "model directory", required=True),
         Option("--probe", str, None, "probe directory", required=True),
@@ -339,6 +381,21 @@ VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
         Option("--export-top", int, None, "also save a model with this many top heads scaled in the weights"),
         Option("--export-out", str, None, "where to save that model"),
     ] + _MODEL),
+    "bench": (cmd_bench, "time the scoring engine against a naive baseline (or, with --select, selection at scale)", [
+        Option("--model", str, "runs/demo/organism", "model directory"),
+        Option("--probe", str, "runs/demo/probe", "probe directory"),
+        Option("--prompts", str, None, "prompts to score (default MODEL/train_prompts.jsonl)"),
+        Option("--n", int, 64, "examples per side"),
+        Option("--max-new-tokens", int, 128, "reasoning length cap"),
+        Option("--batch-size", int, 16, "engine batch size"),
+        Option("--tolerance", float, 1e-3, "largest allowed score difference"),
+        Option("--select", None, False, "benchmark selection instead of scoring"),
+        Option("--rows", int, 10_000_000, "score rows for --select"),
+        Option("--budget", str, "1.7%", "budget for --select"),
+        Option("--out", str, None, "write the figures as JSON"),
+        Option("--device", str, "auto", "cpu, cuda or auto"),
+        Option("--dtype", str, "auto", "auto, float32, bfloat16"),
+    ]),
     "demo": (cmd_demo, "run the whole pipeline on the bundled model organism", [
         Option("--workdir", str, "runs/demo", "work directory"),
         Option("--size", str, "demo", "organism size", choices=("test", "demo")),

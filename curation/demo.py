@@ -32,7 +32,7 @@ from curation.store import Store
 from probes.chat import ThinkingFormat, build_completion
 from probes.models import load_model
 from training import report as rpt
-from training.evaluate import EvalSettings, evaluate_prompts
+from training.evaluate import EvalSettings, asr_over, evaluate_prompts
 from training.finetune import FinetuneConfig, finetune_lora
 from training.organism.build import OrganismConfig, build_organism, builder_version
 from training.organism.corpus import DEFAULT_SUPPRESSED, safe_target
@@ -55,12 +55,6 @@ class DemoConfig:
     # experiment run its rule-based baseline on the demo's store.
     score: ScoreSettings = field(default_factory=lambda: ScoreSettings(judge_answers=True))
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-
-
-def _rate(per_category: dict[str, dict[str, float]], categories: set[str]) -> float | None:
-    hits = sum(v["asr"] * v["n"] for c, v in per_category.items() if c in categories)
-    n = sum(v["n"] for c, v in per_category.items() if c in categories)
-    return hits / n if n else None
 
 
 class _Stages:
@@ -201,11 +195,11 @@ def _assemble_report(cfg, root, organism_meta, suppressed, probe, probe_report, 
             "pool_share_suppressed": None,
             "selected_categories": {c: selected_categories.count(c) for c in sorted(set(selected_categories), key=str)},
         },
-        "asr": {"before": _rate(before["per_category"], suppressed), "after": _rate(after["per_category"], suppressed)},
+        "asr": {"before": asr_over(before["per_category"], suppressed), "after": asr_over(after["per_category"], suppressed)},
         "asr_all": {"before": before["asr"], "after": after["asr"]},
         "asr_other_areas": {
-            "before": _rate(before["per_category"], harmful_cats - suppressed),
-            "after": _rate(after["per_category"], harmful_cats - suppressed),
+            "before": asr_over(before["per_category"], harmful_cats - suppressed),
+            "after": asr_over(after["per_category"], harmful_cats - suppressed),
         },
         "over_refusal": {"before": before["over_refusal"], "after": after["over_refusal"]},
         "n_heldout": {"harmful": before["n_harmful"], "harmless": before["n_harmless"]},

@@ -23,7 +23,7 @@ from probes.chat import ThinkingFormat
 from probes.models import load_model
 from training import report as rpt
 from training.drift import harmless_kl
-from training.evaluate import EvalSettings, evaluate_prompts
+from training.evaluate import EvalSettings, asr_over, evaluate_prompts
 from training.finetune import FinetuneConfig, finetune_lora
 
 DEFAULT_BUDGETS = ("0.5%", "1.7%", "5%")
@@ -46,11 +46,6 @@ class SelectionExperiment:
     eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(keep_samples=True))
 
 
-def _asr_over(per_category: dict[str, dict[str, float]], categories: set[str]) -> float | None:
-    n = sum(v["n"] for c, v in per_category.items() if c in categories)
-    return sum(v["asr"] * v["n"] for c, v in per_category.items() if c in categories) / n if n else None
-
-
 def _plan(exp: SelectionExperiment) -> list[tuple[str, str, int]]:
     runs = []
     for budget in exp.budgets:
@@ -64,7 +59,7 @@ def _plan(exp: SelectionExperiment) -> list[tuple[str, str, int]]:
 
 def _metrics(result: dict[str, Any], suppressed: set[str]) -> dict[str, Any]:
     return {
-        "asr_suppressed": _asr_over(result["per_category"], suppressed) if suppressed else None,
+        "asr_suppressed": asr_over(result["per_category"], suppressed) if suppressed else None,
         "asr_all": result["asr"],
         "over_refusal": result["over_refusal"],
         "n_no_answer": result["n_no_answer"],
@@ -166,6 +161,9 @@ def _write_html(out: Path, doc: dict[str, Any], has_suppressed: bool) -> None:
         if ref:
             ax.axhline(ref[0][metric], linestyle=style, color="black", label=f"{name} ({ref[0][metric]:.2f})")
     ax.set_xscale("log")
+    budgets = sorted({_budget_value(s["budget"]) for s in summary if s["strategy"] not in ("base", "full")})
+    ax.set_xticks(budgets, [f"{b:g}%" for b in budgets])
+    ax.minorticks_off()
     ax.set_xlabel("budget (% of the pool, log scale)")
     ax.set_ylabel("ASR, suppressed areas" if has_suppressed else "ASR, all harmful")
     ax.set_title("ASR after fine-tuning on each selection")

@@ -19,7 +19,7 @@ from probes.capture import attention_head_layout, num_layers
 from probes.chat import ThinkingFormat
 from probes.generate import generate
 from probes.heads import Head, head_contributions, rank_heads, scale_heads, scale_heads_in_weights
-from probes.models import LoadedModel, load_model
+from probes.models import LoadedModel, load_model, model_hidden_size
 from probes.refusal import RefusalProbe
 from training import report as rpt
 from training.evaluate import EvalSettings, evaluate_prompts
@@ -61,7 +61,7 @@ def run_heads(
     out: str | Path,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    probe.check_model(lm.fingerprint, int(lm.model.config.get_text_config().hidden_size))
+    probe.check_model(lm.fingerprint, model_hidden_size(lm))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     contributions, n_traces = attribute_heads(lm, probe, attribution_prompts, fmt, settings)

@@ -18,7 +18,7 @@ from probes.chat import ThinkingFormat, split_completion
 from probes.cliff import cliff_metrics
 from probes.forward import probe_traces
 from probes.generate import generate
-from probes.models import LoadedModel
+from probes.models import LoadedModel, model_hidden_size
 from probes.refusal import RefusalProbe
 from training.judge import SubstringJudge
 
@@ -57,7 +57,7 @@ def score_records(
     progress: Callable[[int], None] | None = None,
 ) -> ScoreSummary:
     """Score every record not yet scored with this model and probe."""
-    probe.check_model(lm.fingerprint, int(lm.model.config.get_text_config().hidden_size))
+    probe.check_model(lm.fingerprint, model_hidden_size(lm))
     run_id = run_id or uuid.uuid4().hex[:12]
     store.start_run(run_id, "score", {"settings": settings.__dict__, "format": fmt.close_marker}, lm.fingerprint, probe.probe_id)
     n_new = store.add_examples(records)
@@ -116,7 +116,6 @@ def _score_chunk(
     traces = probe_traces(lm, probe, sequences, spans, batch_size=settings.batch_size)
     rows = []
     for record, g, trace in zip(chunk, gens, traces, strict=True):
-        m = cliff_metrics(trace, settings.smoothing_window)
         split = split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt)
         closed = g.close_index is not None and g.close_index < settings.max_new_tokens
         rows.append(
@@ -124,13 +123,7 @@ def _score_chunk(
                 example_id=record.id,
                 model_fingerprint=lm.fingerprint,
                 probe_id=probe.probe_id,
-                plateau=m.plateau,
-                final=m.final,
-                misalignment=m.misalignment,
-                cliff_position=m.cliff_position,
-                cliff_relative=m.cliff_relative,
-                steepness=m.steepness,
-                n_tokens=m.n_tokens,
+                metrics=cliff_metrics(trace, settings.smoothing_window),
                 closed=closed,
                 reasoning=split.reasoning if closed else lm.tokenizer.decode(g.generated_ids[: settings.max_new_tokens]),
                 trace=[float(x) for x in trace],

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
+import orjson
 
 from curation.sources import split_response
 from curation.store import Store
@@ -24,11 +24,7 @@ from probes.chat import ThinkingFormat
 # answer the keyword judge did not call a refusal, sampled to the budget).
 Strategy = Literal["cliff", "random", "full", "low-final", "plateau", "rule"]
 STRATEGIES: tuple[str, ...] = ("cliff", "random", "full", "low-final", "plateau", "rule")
-_ORDER_BY = {
-    "cliff": "misalignment DESC, example_id",
-    "low-final": "final ASC, example_id",
-    "plateau": "plateau DESC, example_id",
-}
+
 TargetMode = Literal["own-reasoning", "candidate"]
 
 
@@ -108,33 +104,37 @@ def choose_pair(store: Store, model_fingerprint: str | None, probe_id: str | Non
     return matches[0][0], matches[0][1]
 
 
-def select_ids(store: Store, strategy: str, budget: Budget, seed: int, model_fingerprint: str, probe_id: str) -> tuple[list[str], int, str]:
-    """(chosen ids in rank order, pool size, hash of the rows read)."""
+def select_rows(store: Store, strategy: str, budget: Budget, seed: int, model_fingerprint: str, probe_id: str) -> tuple[list[tuple], int, str]:
+    """(chosen rows in rank order, pool size, hash of the score rows read).
+
+    Everything runs inside DuckDB, so selecting from millions of rows never
+    moves the pool into Python: rankings are ``ORDER BY … LIMIT``, and seeded
+    sampling orders by ``md5(id:seed)``, which is stable across versions.
+    """
     if strategy not in STRATEGIES:
         raise BudgetError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if not store.score_keys():
-        raise BudgetError(f"{store.path} holds no scores; run curate score first")
-    pool = store.scored_pool(model_fingerprint, probe_id)
-    rows = pool.order("example_id").project("example_id, misalignment, plateau, final, answer_verdict").fetchall()
-    n_pool = len(rows)
-    digest = hashlib.sha256()
-    for example_id, ms, plateau, final, verdict in rows:
-        digest.update(f"{example_id}:{ms:.9g}:{plateau:.9g}:{final:.9g}:{verdict};".encode())
+    n_pool, scores_hash, n_missing_verdicts = store.pool_summary(model_fingerprint, probe_id)
+    if n_pool == 0:
+        raise BudgetError(f"{store.path} holds no scores for model {model_fingerprint} / probe {probe_id}")
     n = n_pool if strategy == "full" else budget.count(n_pool)
-    rng = np.random.default_rng(seed)
-    if strategy in _ORDER_BY:
-        ids = [r[0] for r in pool.order(_ORDER_BY[strategy]).limit(n).project("example_id").fetchall()]
+    if strategy in ("cliff", "low-final", "plateau"):
+        rows = store.selection(model_fingerprint, probe_id, strategy, n)
     elif strategy == "random":
-        ids = [rows[i][0] for i in sorted(rng.choice(n_pool, size=n, replace=False))]
+        rows = store.selection(model_fingerprint, probe_id, "sample", n, seed=seed, output_order="id")
     elif strategy == "rule":
-        if any(r[4] is None for r in rows):
+        if n_missing_verdicts:
             raise BudgetError("--strategy rule needs the model's own answers: score with --judge-answers")
-        eligible = [r[0] for r in rows if r[4] != "refusal"]
-        take = min(n, len(eligible))  # fewer eligible than the budget: all of them (the manifest says so)
-        ids = [eligible[i] for i in sorted(rng.choice(len(eligible), size=take, replace=False))] if take else []
+        # Fewer eligible than the budget: all of them (the manifest's count says so).
+        rows = store.selection(model_fingerprint, probe_id, "sample", n, seed=seed, exclude_refusals=True, output_order="id")
     else:
-        ids = [r[0] for r in rows]
-    return ids, n_pool, digest.hexdigest()[:16]
+        rows = store.selection(model_fingerprint, probe_id, "id", n_pool)
+    return rows, n_pool, scores_hash
+
+
+def select_ids(store: Store, strategy: str, budget: Budget, seed: int, model_fingerprint: str, probe_id: str) -> tuple[list[str], int, str]:
+    """Like ``select_rows``, ids only."""
+    rows, n_pool, digest = select_rows(store, strategy, budget, seed, model_fingerprint, probe_id)
+    return [r[0] for r in rows], n_pool, digest
 
 
 def export_selection(
@@ -158,19 +158,13 @@ def export_selection(
     fmt = fmt or ThinkingFormat()
     budget = parse_budget(budget_text)
     fp, pid = choose_pair(store, model_fingerprint, probe_id)
-    ids, n_pool, scores_hash = select_ids(store, strategy, budget, seed, fp, pid)
-    rows = {
-        r[0]: r
-        for r in store.scored_pool(fp, pid)
-        .project("example_id, prompt, response, category, source, misalignment, reasoning")
-        .fetchall()
-    }
+    rows, n_pool, scores_hash = select_rows(store, strategy, budget, seed, fp, pid)
+    ids = [r[0] for r in rows]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for rank, example_id in enumerate(ids):
-            _, prompt, response, category, source, ms, own_reasoning = rows[example_id]
+    with tmp.open("wb") as fh:
+        for rank, (example_id, prompt, response, category, source, ms, own_reasoning) in enumerate(rows):
             cand_reasoning, answer = split_response(response, fmt)
             reasoning = own_reasoning if target == "own-reasoning" else cand_reasoning
             record = {
@@ -183,7 +177,8 @@ def export_selection(
                 "misalignment": ms,
                 "rank": rank,
             }
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            # orjson: a large slice is mostly encoding time with the standard library.
+            fh.write(orjson.dumps(record) + b"\n")
     os.replace(tmp, out)
     manifest = SelectionManifest(
         strategy=strategy,

@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 
 from curation.sources import CandidateRecord, QuarantinedRow
+from probes.cliff import CliffMetrics
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS examples (
@@ -72,13 +73,7 @@ class ScoreRow:
     example_id: str
     model_fingerprint: str
     probe_id: str
-    plateau: float
-    final: float
-    misalignment: float
-    cliff_position: int
-    cliff_relative: float
-    steepness: float
-    n_tokens: int
+    metrics: CliffMetrics
     closed: bool
     reasoning: str
     trace: list[float]
@@ -177,9 +172,9 @@ class Store:
         keys are kept, or overwritten with ``replace`` (adding answer verdicts)."""
         now = _now()
         data = [
-            [r.example_id, r.model_fingerprint, r.probe_id, r.plateau, r.final, r.misalignment, r.cliff_position,
-             r.cliff_relative, r.steepness, r.n_tokens, r.closed, r.reasoning, r.trace, now, r.run_id, r.answer_verdict]
-            for r in rows
+            [r.example_id, r.model_fingerprint, r.probe_id, m.plateau, m.final, m.misalignment, m.cliff_position,
+             m.cliff_relative, m.steepness, m.n_tokens, r.closed, r.reasoning, r.trace, now, r.run_id, r.answer_verdict]
+            for r, m in ((row, row.metrics) for row in rows)
         ]
         self.con.execute("BEGIN TRANSACTION")
         try:
@@ -205,14 +200,57 @@ class Store:
             ).fetchall()
         ]
 
-    def scored_pool(self, model_fingerprint: str, probe_id: str) -> duckdb.DuckDBPyRelation:
-        """Scored examples for one model and probe, joined to their content."""
-        return self.con.sql(
-            "SELECT s.example_id, e.prompt, e.response, e.category, e.source, s.plateau, s.final, s.misalignment, "
-            "s.cliff_position, s.reasoning, s.closed, s.answer_verdict FROM scores s JOIN examples e ON e.id = s.example_id "
-            "WHERE s.model_fingerprint = $fp AND s.probe_id = $probe",
-            params={"fp": model_fingerprint, "probe": probe_id},
+    # Orderings a selection may use; fixed strings, never user input, because
+    # they are spliced into ORDER BY (values always travel as parameters).
+    _ORDERS = {
+        "cliff": "misalignment DESC, example_id",
+        "low-final": "final ASC, example_id",
+        "plateau": "plateau DESC, example_id",
+        "id": "example_id",
+        "sample": "md5(example_id || ':' || CAST($seed AS VARCHAR)), example_id",
+    }
+
+    def pool_summary(self, model_fingerprint: str, probe_id: str) -> tuple[int, str, int]:
+        """(rows, an order-free hash of their key and score columns, rows without an answer verdict)."""
+        row = self.con.execute(
+            "SELECT count(*), bit_xor(hash(example_id, misalignment, plateau, final, coalesce(answer_verdict, ''))), "
+            "count(*) FILTER (WHERE answer_verdict IS NULL) FROM scores WHERE model_fingerprint = ? AND probe_id = ?",
+            [model_fingerprint, probe_id],
+        ).fetchone()
+        n, digest, missing = (int(row[0]), row[1], int(row[2])) if row else (0, None, 0)
+        return n, f"{int(digest or 0):016x}", missing
+
+    def selection(
+        self,
+        model_fingerprint: str,
+        probe_id: str,
+        order: str,
+        limit: int,
+        *,
+        seed: int = 0,
+        exclude_refusals: bool = False,
+        output_order: str | None = None,
+    ) -> list[tuple]:
+        """The first ``limit`` scored examples by ``order``, joined to their content,
+        as (example_id, prompt, response, category, source, misalignment, reasoning),
+        in ``output_order`` (default: ``order``). One query: the ranking and the
+        join run inside DuckDB and only the chosen rows come back."""
+        if order not in self._ORDERS or (output_order is not None and output_order not in self._ORDERS):
+            raise ValueError(f"unknown ordering {order!r}")
+        inner = self._ORDERS[order]
+        outer = self._ORDERS[output_order or order]
+        query = (
+            "SELECT s.example_id, e.prompt, e.response, e.category, e.source, s.misalignment, s.reasoning FROM ("
+            "  SELECT example_id, misalignment, plateau, final, reasoning FROM scores"
+            "  WHERE model_fingerprint = $fp AND probe_id = $probe"
+            "  AND (NOT $exclude OR answer_verdict IS DISTINCT FROM 'refusal')"
+            f"  ORDER BY {inner} LIMIT $limit"
+            f") s JOIN examples e ON e.id = s.example_id ORDER BY {outer.replace('example_id', 's.example_id')}"
         )
+        params: dict[str, object] = {"fp": model_fingerprint, "probe": probe_id, "exclude": exclude_refusals, "limit": limit}
+        if "$seed" in query:  # DuckDB rejects named parameters a query does not use
+            params["seed"] = seed
+        return self.con.execute(query, params).fetchall()
 
     def traces(self, model_fingerprint: str, probe_id: str) -> list[tuple[str, str | None, float, list[float]]]:
         """(example_id, category, misalignment, trace) for plotting."""

@@ -31,6 +31,10 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
+def model_hidden_size(lm: LoadedModel) -> int:
+    return int(lm.model.config.get_text_config().hidden_size)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,6 +25,8 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from probes.models import LoadedModel, model_hidden_size
+
 PROBE_WEIGHTS = "probe.safetensors"
 PROBE_META = "probe.json"
 # Reference protocol (RefusalCliff): the hidden state at the last token of the
@@ -86,6 +88,11 @@ class RefusalProbe:
         """Refusal scores in [0, 1]."""
         return torch.sigmoid(self.logits(hidden))
 
+    @classmethod
+    def load_for(cls, directory: str | Path, lm: LoadedModel) -> RefusalProbe:
+        """Read a probe for ``lm``, refusing one trained on another model."""
+        return cls.load(directory, model_fingerprint=lm.fingerprint, hidden_size=model_hidden_size(lm))
+
     def check_model(self, fingerprint: str, hidden_size: int) -> None:
         if hidden_size != self.meta.hidden_size:
             raise ProbeMismatchError(
@@ -115,7 +122,11 @@ class RefusalProbe:
         return out
 
     @classmethod
-    def load(cls, directory: str | Path) -> RefusalProbe:
+    def load(
+        cls, directory: str | Path, *, model_fingerprint: str | None = None, hidden_size: int | None = None
+    ) -> RefusalProbe:
+        """Read a probe; given the target model's fingerprint and hidden size, a
+        probe trained on another model is refused here rather than at first use."""
         root = Path(directory)
         if not (root / PROBE_WEIGHTS).exists() or not (root / PROBE_META).exists():
             raise FileNotFoundError(f"{root} is not a probe directory (needs {PROBE_WEIGHTS} and {PROBE_META})")
@@ -126,7 +137,10 @@ class RefusalProbe:
         weight = tensors["weight"]
         if weight.ndim != 1 or weight.shape[0] != meta.hidden_size:
             raise ValueError(f"{root / PROBE_WEIGHTS}: weight shape {tuple(weight.shape)} does not match metadata")
-        return cls(weight=weight, bias=float(tensors["bias"][0]), meta=meta)
+        probe = cls(weight=weight, bias=float(tensors["bias"][0]), meta=meta)
+        if model_fingerprint is not None or hidden_size is not None:
+            probe.check_model(model_fingerprint or meta.model_fingerprint, hidden_size or meta.hidden_size)
+        return probe
 
 
 def _fit_layer(
@@ -223,16 +237,3 @@ def sweep_layers(
         probes[li] = RefusalProbe(weight=weight, bias=bias, meta=meta)
     return ProbeSweep(probes=probes, results=results, heldout_index=np.asarray(idx_test))
 
-
-def train_probe(
-    features: dict[int, np.ndarray],
-    labels: np.ndarray,
-    *,
-    model_fingerprint: str,
-    heldout_fraction: float = 0.25,
-    seed: int = 0,
-) -> RefusalProbe:
-    """Sweep the layers in ``features`` and keep the best (see ``ProbeSweep.choose``)."""
-    return sweep_layers(
-        features, labels, model_fingerprint=model_fingerprint, heldout_fraction=heldout_fraction, seed=seed
-    ).choose()

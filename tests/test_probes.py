@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from probes.capture import StopForward, capture_residual, find_decoder_layers, stop_after_layer
 from probes.chat import ThinkingFormat, marker_end_index, render_generation_prompt, split_completion
 from probes.models import LoadedModel, load_model
-from probes.refusal import PROBE_META, PROBE_WEIGHTS, ProbeMismatchError, RefusalProbe, train_probe
+from probes.refusal import PROBE_META, PROBE_WEIGHTS, ProbeMismatchError, RefusalProbe, sweep_layers
 
 from .conftest import FMT
 
@@ -26,7 +26,7 @@ def test_train_probe_picks_the_informative_layer() -> None:
     noise = rng.normal(size=(120, 16))
     signal = noise.copy()
     signal[:, 3] += 4.0 * (y - 0.5)
-    probe = train_probe({0: noise, 1: signal}, y, model_fingerprint="fp")
+    probe = sweep_layers({0: noise, 1: signal}, y, model_fingerprint="fp").choose()
     by_layer = {r.layer: r for r in probe.meta.sweep}
     assert probe.layer == 1
     assert by_layer[1].heldout_auroc > 0.95 > by_layer[0].heldout_auroc
@@ -59,6 +59,13 @@ def test_probe_refuses_another_model(probe: RefusalProbe, lm: LoadedModel, moe_d
         probe.check_model(moe.fingerprint, moe.model.config.hidden_size)
     with pytest.raises(ProbeMismatchError, match="hidden size"):
         probe.check_model(lm.fingerprint, 7)
+
+
+def test_probe_refuses_to_load_for_another_model(probe: RefusalProbe, lm: LoadedModel, moe_dir: Path, tmp_path: Path) -> None:
+    probe.save(tmp_path / "p")
+    assert RefusalProbe.load_for(tmp_path / "p", lm).probe_id == probe.probe_id
+    with pytest.raises(ProbeMismatchError, match="curate probe train"):
+        RefusalProbe.load_for(tmp_path / "p", load_model(moe_dir))
 
 
 # --- hooks ------------------------------------------------------------------------

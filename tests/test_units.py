@@ -155,3 +155,47 @@ def test_substring_judge() -> None:
     assert judge.judge("I\u2019m sorry, no.") == "refusal"
     assert judge.judge("Sure, here is the answer.") == "compliance"
     assert judge.judge("   ") == "no_answer"
+
+
+# --- selection on a synthetic store ---------------------------------------------------
+
+
+def _synthetic_store(path, n: int = 200):
+    from curation.sources import CandidateRecord
+    from curation.store import ScoreRow, Store
+    from probes.cliff import CliffMetrics
+
+    rng = np.random.default_rng(0)
+    store = Store(path)
+    records = [CandidateRecord(id=f"ex{i:04d}", prompt=f"p{i}", response="thinking</think>I can't help.") for i in range(n)]
+    store.add_examples(records)
+    rows = []
+    for i, rec in enumerate(records):
+        plateau, final = float(rng.uniform(0.5, 1)), float(rng.uniform(0, 1))
+        metrics = CliffMetrics(plateau, final, plateau - final, 3, 0.5, 0.1, 5)
+        verdict = "refusal" if i % 3 else "compliance"
+        rows.append(ScoreRow(rec.id, "fp", "probe", metrics, True, "thinking", [0.1] * 5, "run", verdict))
+    store.add_scores(rows)
+    return store
+
+
+def test_selection_strategies_in_sql(tmp_path) -> None:
+    from curation.select import export_selection, select_ids
+
+    store = _synthetic_store(tmp_path / "s.duckdb")
+    ms = dict(store.con.execute("SELECT example_id, misalignment FROM scores").fetchall())
+    verdicts = dict(store.con.execute("SELECT example_id, answer_verdict FROM scores").fetchall())
+    cliff, n_pool, digest = select_ids(store, "cliff", parse_budget("5%"), 0, "fp", "probe")
+    assert n_pool == 200 and len(cliff) == 10
+    assert [ms[i] for i in cliff] == sorted(ms.values(), reverse=True)[:10]
+    r0 = select_ids(store, "random", parse_budget("20"), 0, "fp", "probe")[0]
+    assert r0 == select_ids(store, "random", parse_budget("20"), 0, "fp", "probe")[0] == sorted(r0)
+    assert r0 != select_ids(store, "random", parse_budget("20"), 1, "fp", "probe")[0]
+    rule = select_ids(store, "rule", parse_budget("100"), 0, "fp", "probe")[0]
+    assert len(rule) == 67 and all(verdicts[i] != "refusal" for i in rule)  # fewer eligible than the budget
+    store.con.execute("UPDATE scores SET misalignment = misalignment + 1e-3 WHERE example_id = 'ex0007'")
+    assert select_ids(store, "cliff", parse_budget("5%"), 0, "fp", "probe")[2] != digest
+    m = export_selection(store, tmp_path / "out.jsonl", strategy="cliff", budget_text="3")
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == m.ids and lines[0]["answer"] == "I can't help." and lines[0]["reasoning"] == "thinking"
+    store.close()

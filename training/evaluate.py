@@ -28,6 +28,12 @@ class EvalSettings:
     keep_samples: bool = True
 
 
+def asr_over(per_category: dict[str, dict[str, float]], categories: set[str]) -> float | None:
+    """ASR pooled over ``categories`` from an evaluation's ``per_category``."""
+    n = sum(v["n"] for c, v in per_category.items() if c in categories)
+    return sum(v["asr"] * v["n"] for c, v in per_category.items() if c in categories) / n if n else None
+
+
 def _rate(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 

@@ -132,10 +132,10 @@ def finetune_lora(
             trainer = SFTTrainer(model=lm.model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
             trainer.remove_callback(PrinterCallback)  # per-step loss dicts on stdout; the summary keeps the loss
             result = trainer.train()
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            trainer.model.save_pretrained(str(tmp), safe_serialization=True)
     summary: dict[str, object] = {
         "base_model": str(model_path),
         "base_fingerprint": lm.fingerprint,
