@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,27 +96,38 @@ def cmd_score(s: dict[str, Any]) -> int:
     from rich.progress import Progress
 
     from curation.score import ScoreSettings, score_records
-    from curation.sources import read_jsonl
+    from curation.sources import CandidateRecord, QuarantinedRow, iter_jsonl
     from curation.store import Store
     from probes.refusal import RefusalProbe
 
-    read = read_jsonl(s["data"])
     lm = _load(s)
     probe = RefusalProbe.load_for(s["probe"], lm)
     settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"],
                              judge_answers=s["judge_answers"])
+    quarantined: list[QuarantinedRow] = []
+
+    def records() -> Iterator[CandidateRecord]:
+        # Streamed: bad rows are set aside as they are met, good ones scored a chunk at a time.
+        for item in iter_jsonl(s["data"]):
+            if isinstance(item, QuarantinedRow):
+                quarantined.append(item)
+            else:
+                yield item
+
     with Store(s["db"]) as store, Progress(console=console) as progress:
-        store.add_quarantine(read.quarantined, None)
-        task = progress.add_task("scoring", total=len(read.records))
-        summary = score_records(lm, probe, store, read.records, _fmt(s), settings, progress=lambda n: progress.advance(task, n))
+        task = progress.add_task("scoring", total=None)
+        try:
+            summary = score_records(lm, probe, store, records(), _fmt(s), settings, progress=lambda n: progress.advance(task, n))
+        finally:
+            store.add_quarantine(quarantined, None)
     out_console.print(
         f"run {summary.run_id}: {summary.n_candidates} candidates, {summary.n_scored} scored, "
         f"{summary.n_already_scored} already scored, {summary.n_unclosed} traces hit the length cap; "
-        f"{len(read.quarantined)} rows quarantined, {read.duplicates} duplicates skipped"
+        f"{len(quarantined)} rows quarantined"
     )
-    for q in read.quarantined[:10]:
+    for q in quarantined[:10]:
         console.print(f"  quarantined {q.source}:{q.line}: {q.reason}")
-    return 1 if (s["strict"] and read.quarantined) else 0
+    return 1 if (s["strict"] and quarantined) else 0
 
 
 def cmd_select(s: dict[str, Any]) -> int:

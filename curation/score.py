@@ -9,7 +9,7 @@ rerun after a crash picks up where the last whole chunk ended.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from curation.sources import CandidateRecord
@@ -49,41 +49,59 @@ def score_records(
     lm: LoadedModel,
     probe: RefusalProbe,
     store: Store,
-    records: Sequence[CandidateRecord],
+    records: Iterable[CandidateRecord],
     fmt: ThinkingFormat,
     settings: ScoreSettings,
     *,
     run_id: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ScoreSummary:
-    """Score every record not yet scored with this model and probe."""
+    """Score every record not yet scored with this model and probe.
+
+    ``records`` may be a stream: it is consumed ``chunk_size`` at a time and
+    each chunk is stored, scored and committed before the next is read, so
+    memory does not grow with the pool.
+    """
     probe.check_model(lm.fingerprint, model_hidden_size(lm))
     run_id = run_id or uuid.uuid4().hex[:12]
     store.start_run(run_id, "score", {"settings": settings.__dict__, "format": fmt.close_marker}, lm.fingerprint, probe.probe_id)
-    n_new = store.add_examples(records)
-    pending_ids = set(
-        store.unscored_ids([r.id for r in records], lm.fingerprint, probe.probe_id, need_verdict=settings.judge_answers)
-    )
-    pending = [r for r in records if r.id in pending_ids]
-    already = len(records) - len(pending)
-    n_unclosed = 0
+    n_candidates = n_new = already = n_scored = n_unclosed = 0
     status = "failed"
     try:
-        for start in range(0, len(pending), settings.chunk_size):
-            chunk = pending[start : start + settings.chunk_size]
-            rows = _score_chunk(lm, probe, chunk, fmt, settings, run_id)
-            n_unclosed += sum(1 for r in rows if not r.closed)
-            store.add_scores(rows, replace=settings.judge_answers)
+        for chunk in _chunks(records, settings.chunk_size):
+            n_candidates += len(chunk)
+            n_new += store.add_examples(chunk)
+            pending_ids = set(
+                store.unscored_ids([r.id for r in chunk], lm.fingerprint, probe.probe_id, need_verdict=settings.judge_answers)
+            )
+            pending = [r for r in chunk if r.id in pending_ids]
+            already += len(chunk) - len(pending)
+            if pending:
+                rows = _score_chunk(lm, probe, pending, fmt, settings, run_id)
+                n_unclosed += sum(1 for r in rows if not r.closed)
+                store.add_scores(rows, replace=settings.judge_answers)
+                n_scored += len(rows)
             if progress is not None:
                 progress(len(chunk))
         status = "done"
     finally:
         store.finish_run(
             run_id,
-            {"candidates": len(records), "new_examples": n_new, "already_scored": already, "scored": len(pending), "unclosed": n_unclosed},
+            {"candidates": n_candidates, "new_examples": n_new, "already_scored": already, "scored": n_scored, "unclosed": n_unclosed},
             status,
         )
-    return ScoreSummary(run_id, len(records), n_new, already, len(pending), n_unclosed)
+    return ScoreSummary(run_id, n_candidates, n_new, already, n_scored, n_unclosed)
+
+
+def _chunks(items: Iterable[CandidateRecord], size: int) -> Iterator[list[CandidateRecord]]:
+    chunk: list[CandidateRecord] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _score_chunk(

@@ -80,60 +80,70 @@ def _validate(obj: object) -> tuple[dict[str, Any] | None, str | None]:
     return obj, None
 
 
-def read_jsonl(path: str | Path, source: str | None = None) -> ReadResult:
-    """Read candidate records from a jsonl file; bad rows are quarantined with
-    the file, the line number and the reason."""
+def iter_jsonl(path: str | Path, source: str | None = None) -> Iterator[CandidateRecord | QuarantinedRow]:
+    """Stream candidate records from a jsonl file, one at a time, with bad rows
+    yielded as ``QuarantinedRow`` (file, line, reason) in their place. Exact
+    duplicates are skipped (the ``duplicates`` attribute of ``read_jsonl``
+    counts them); the only state kept is one short id per distinct row."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"candidate file not found: {path}")
     src = source or path.name
-    records: list[CandidateRecord] = []
-    quarantined: list[QuarantinedRow] = []
     seen_ids: set[str] = set()
     declared: dict[str, str] = {}
-    duplicates = 0
     for lineno, raw_bytes in _lines(path):
         try:
             raw = raw_bytes.decode("utf-8")
         except UnicodeDecodeError as exc:
-            quarantined.append(QuarantinedRow(str(path), lineno, f"not UTF-8 ({exc.reason} at byte {exc.start})", raw_bytes.decode("utf-8", "replace")))
+            yield QuarantinedRow(str(path), lineno, f"not UTF-8 ({exc.reason} at byte {exc.start})", raw_bytes.decode("utf-8", "replace"))
             continue
         if not raw.strip():
             continue
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
-            quarantined.append(QuarantinedRow(str(path), lineno, f"malformed JSON: {exc.msg} (column {exc.colno})", raw))
+            yield QuarantinedRow(str(path), lineno, f"malformed JSON: {exc.msg} (column {exc.colno})", raw)
             continue
         row, reason = _validate(obj)
         if row is None:
-            quarantined.append(QuarantinedRow(str(path), lineno, reason or "invalid row", raw))
+            yield QuarantinedRow(str(path), lineno, reason or "invalid row", raw)
             continue
         cid = content_id(row["prompt"], row["response"])
         user_id = row.get("id")
         if user_id is not None:
             if user_id in declared and declared[user_id] != cid:
-                quarantined.append(QuarantinedRow(str(path), lineno, f"duplicate id '{user_id}' with different content", raw))
+                yield QuarantinedRow(str(path), lineno, f"duplicate id '{user_id}' with different content", raw)
                 continue
             declared[user_id] = cid
         if cid in seen_ids:
-            duplicates += 1
             continue
         seen_ids.add(cid)
         extra = {k: v for k, v in row.items() if k not in _KNOWN_FIELDS}
         if user_id is not None:
             extra["source_id"] = user_id
-        records.append(
-            CandidateRecord(
-                id=cid,
-                prompt=row["prompt"],
-                response=row["response"],
-                category=row.get("category"),
-                source=row.get("source") or src,
-                extra=extra,
-            )
+        yield CandidateRecord(
+            id=cid,
+            prompt=row["prompt"],
+            response=row["response"],
+            category=row.get("category"),
+            source=row.get("source") or src,
+            extra=extra,
         )
-    return ReadResult(records=records, quarantined=quarantined, duplicates=duplicates)
+
+
+def read_jsonl(path: str | Path, source: str | None = None) -> ReadResult:
+    """All of a jsonl file at once (small files, tests); see ``iter_jsonl``."""
+    records: list[CandidateRecord] = []
+    quarantined: list[QuarantinedRow] = []
+    valid_rows = 0
+    for item in iter_jsonl(path, source):
+        if isinstance(item, QuarantinedRow):
+            quarantined.append(item)
+        else:
+            records.append(item)
+    for _lineno, raw_bytes in _lines(Path(path)):
+        valid_rows += bool(raw_bytes.strip())
+    return ReadResult(records=records, quarantined=quarantined, duplicates=valid_rows - len(records) - len(quarantined))
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:

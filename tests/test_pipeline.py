@@ -224,3 +224,23 @@ def test_judge_answers_fills_verdicts_on_rows_scored_without(
     assert all(v is None for _, _, v in before) and all(v is not None for _, _, v in after)
     assert summary.n_scored == 12 and again.n_scored == 0 and len(after) == 12
     assert [(i, round(m, 6)) for i, m, _ in before] == [(i, round(m, 6)) for i, m, _ in after]
+
+
+def test_cli_score_streams_quarantines_and_strict(organism_dir: Path, probe: RefusalProbe, tmp_path: Path) -> None:
+    probe.save(tmp_path / "probe")
+    data = tmp_path / "cands.jsonl"
+    good = [{"prompt": p, "response": "I can't help with that."} for p in ("How to pick a lock?", "Why are cats lazy?", "Is the moon fake?")]
+    lines = [json.dumps(good[0]), "{broken", json.dumps(good[1]), json.dumps({"prompt": "x"}), json.dumps(good[2])]
+    data.write_text("\n".join(lines) + "\n")
+    db = tmp_path / "s.duckdb"
+    args = ["score", "--model", str(organism_dir), "--probe", str(tmp_path / "probe"), "--data", str(data), "--db", str(db),
+            "--chunk-size", "2", "--max-new-tokens", "48"]
+    assert main(args) == 0
+    assert main([*args, "--strict"]) == 1  # same file: nothing new to score, but the bad rows are still there
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 3
+    lines_reasons = con.execute("SELECT DISTINCT line, reason FROM quarantine ORDER BY line").fetchall()
+    runs = con.execute("SELECT json_extract(counts, '$.scored')::INT FROM runs ORDER BY started_at").fetchall()
+    con.close()
+    assert [line for line, _ in lines_reasons] == [2, 4] and "malformed JSON" in lines_reasons[0][1]
+    assert [r[0] for r in runs] == [3, 0]
