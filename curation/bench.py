@@ -234,13 +234,7 @@ def run_select_bench(rows: int, budget: str = "1.7%") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.duckdb")
         started = time.perf_counter()
-        store.con.execute(
-            "INSERT INTO examples SELECT 'ex' || i, 'prompt ' || i, 'reasoning</think>I cannot help.', NULL, 'bench', '{}', now() "
-            "FROM range(?) t(i)", [rows])
-        store.con.execute(
-            "INSERT INTO scores SELECT 'ex' || i, 'fp', 'probe', p, f, p - f, 0, 0.5, 0.1, 5, true, "
-            "'reasoning', [0.5]::FLOAT[], now(), 'bench', NULL FROM (SELECT i, random() AS p, random() AS f FROM range(?) t(i))",
-            [rows])
+        store.fill_synthetic(rows)
         fill = time.perf_counter() - started
         started = time.perf_counter()
         manifest = export_selection(store, Path(tmp) / "sel.jsonl", strategy="cliff", budget_text=budget)

@@ -227,12 +227,9 @@ def _assemble_report(cfg, root, organism_meta, suppressed, probe, probe_report, 
         },
     }
     with Store(root / "curate.duckdb", read_only=True) as store:
-        row = store.con.execute(
-            "SELECT avg(CASE WHEN e.category IN (SELECT unnest(?)) THEN 1.0 ELSE 0.0 END) FROM scores s "
-            "JOIN examples e ON e.id = s.example_id WHERE s.model_fingerprint = ? AND s.probe_id = ?",
-            [sorted(suppressed), manifest.model_fingerprint, manifest.probe_id],
-        ).fetchone()
-    result["selection"]["pool_share_suppressed"] = float(row[0]) if row and row[0] is not None else None
+        result["selection"]["pool_share_suppressed"] = store.category_share(
+            manifest.model_fingerprint, manifest.probe_id, sorted(suppressed)
+        )
     rpt.write_json_atomic(root / "report.json", result)
     return result
 

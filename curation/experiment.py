@@ -98,8 +98,7 @@ def run_selection_experiment(
         with Store(exp.db, read_only=True) as store:
             manifest = export_selection(store, run_dir / "selection.jsonl", strategy=strategy, budget_text=budget,
                                         seed=seed, fmt=fmt)
-            cats = dict(store.con.execute(
-                "SELECT id, category FROM examples WHERE id IN (SELECT unnest(?))", [manifest.ids]).fetchall())
+            cats = store.categories(manifest.ids)
         finetune_lora(exp.model, run_dir / "selection.jsonl", run_dir / "adapter", exp.finetune, fmt, retain_file=exp.retain)
         tuned = load_model(exp.model, adapter=run_dir / "adapter")
         result = evaluate_prompts(tuned, prompts, fmt, exp.eval_settings)

@@ -252,6 +252,29 @@ class Store:
             params["seed"] = seed
         return self.con.execute(query, params).fetchall()
 
+    def categories(self, ids: Sequence[str]) -> dict[str, str | None]:
+        """example id -> category, for ``ids``."""
+        return dict(self.con.execute("SELECT id, category FROM examples WHERE id IN (SELECT unnest(?))", [list(ids)]).fetchall())
+
+    def category_share(self, model_fingerprint: str, probe_id: str, categories: Sequence[str]) -> float | None:
+        """Share of the scored pool whose category is one of ``categories``."""
+        row = self.con.execute(
+            "SELECT avg(CASE WHEN e.category IN (SELECT unnest(?)) THEN 1.0 ELSE 0.0 END) FROM scores s "
+            "JOIN examples e ON e.id = s.example_id WHERE s.model_fingerprint = ? AND s.probe_id = ?",
+            [sorted(categories), model_fingerprint, probe_id],
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def fill_synthetic(self, rows: int) -> None:
+        """``rows`` made-up examples and scores (random MS), for the selection benchmark."""
+        self.con.execute(
+            "INSERT INTO examples SELECT 'ex' || i, 'prompt ' || i, 'reasoning</think>I cannot help.', NULL, 'bench', '{}', now() "
+            "FROM range(?) t(i)", [rows])
+        self.con.execute(
+            "INSERT INTO scores SELECT 'ex' || i, 'fp', 'probe', p, f, p - f, 0, 0.5, 0.1, 5, true, "
+            "'reasoning', [0.5]::FLOAT[], now(), 'bench', NULL FROM (SELECT i, random() AS p, random() AS f FROM range(?) t(i))",
+            [rows])
+
     def traces(self, model_fingerprint: str, probe_id: str) -> list[tuple[str, str | None, float, list[float]]]:
         """(example_id, category, misalignment, trace) for plotting."""
         return [
