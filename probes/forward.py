@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from probes.batching import pad_batch
 from probes.capture import StopForward, capture_residual, num_layers, stop_after_layer
 from probes.models import LoadedModel
 from probes.refusal import RefusalProbe
@@ -31,12 +32,7 @@ def batched_residuals(
     with capture_residual(lm.model, resolved) as captured, stop_after_layer(lm.model, deepest):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(sequences[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-                mask[row, : len(sequences[i])] = 1
+            input_ids, mask = pad_batch([sequences[i] for i in idx], pad_id, side="right")
             captured.clear()
             try:
                 with torch.no_grad():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from probes.batching import pad_batch
 from probes.chat import ThinkingFormat, marker_end_index, render_generation_prompt, stop_token_ids
 from probes.models import LoadedModel
 
@@ -49,14 +50,8 @@ def generate(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        # Left padding: every row's last prompt token sits at the same position.
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids = encoded[i]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
+        input_ids, mask = pad_batch([encoded[i] for i in idx], pad_id, side="left")
+        width = input_ids.shape[1]
         out = lm.model.generate(
             input_ids=input_ids.to(lm.device),
             attention_mask=mask.to(lm.device),

@@ -199,3 +199,12 @@ def test_selection_strategies_in_sql(tmp_path) -> None:
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == m.ids and lines[0]["answer"] == "I can't help." and lines[0]["reasoning"] == "thinking"
     store.close()
+
+
+def test_pad_batch_sides() -> None:
+    from probes.batching import pad_batch
+
+    ids, mask = pad_batch([[1, 2, 3], [4]], pad_id=0, side="left")
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch([[1, 2, 3], [4]], pad_id=9, side="right")
+    assert ids.tolist() == [[1, 2, 3], [4, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from probes.batching import pad_batch
 from probes.chat import ThinkingFormat, build_completion, render_generation_prompt
 from probes.models import LoadedModel
 
@@ -44,13 +45,9 @@ def harmless_kl(
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        target = torch.zeros((len(chunk), width), dtype=torch.bool)
+        input_ids, mask = pad_batch([ids for ids, _ in chunk], pad, side="right")
+        target = torch.zeros(input_ids.shape, dtype=torch.bool)
         for row, (ids, plen) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
             target[row, plen - 1 : len(ids) - 1] = True  # logits that predict completion tokens
         logp = F.log_softmax(base.model(input_ids=input_ids.to(base.device), attention_mask=mask.to(base.device)).logits.float(), -1)
         logq = F.log_softmax(tuned.model(input_ids=input_ids.to(tuned.device), attention_mask=mask.to(tuned.device)).logits.float(), -1)

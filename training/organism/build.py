@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.utils import logging as hf_logging
 
+from probes.batching import pad_batch
 from probes.chat import ThinkingFormat, build_completion, render_generation_prompt
 from training.organism.corpus import AREAS, DEFAULT_SUPPRESSED, Example, make_example, split_prompts
 
@@ -169,14 +170,10 @@ def _batches(encoded: list[tuple[list[int], int]], batch_size: int, pad_id: int,
     rng.shuffle(order)
     for start in range(0, len(order), batch_size):
         chunk = [encoded[i] for i in order[start : start + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        input_ids, mask = pad_batch([ids for ids, _ in chunk], pad_id, side="right")
+        labels = torch.full(input_ids.shape, -100, dtype=torch.long)
         for row, (ids, plen) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, plen : len(ids)] = torch.tensor(ids[plen:])
-            mask[row, : len(ids)] = 1
         yield input_ids, mask, labels
 
 
