@@ -167,7 +167,7 @@ def _write_html(out: Path, doc: dict[str, Any], has_suppressed: bool) -> None:
     ax.set_ylabel("ASR, suppressed areas" if has_suppressed else "ASR, all harmful")
     ax.set_title("ASR after fine-tuning on each selection")
     ax.legend(fontsize=8)
-    plot = rpt._png(fig)
+    plot = rpt.png_base64(fig)
     header = ["strategy", "budget", "runs", "selected", "ASR suppressed", "± sd", "ASR all", "over-refusal", "KL harmless", "share suppressed"]
     rows = [[s["strategy"], s["budget"], s["n_runs"], s["n_selected"], s["asr_suppressed"], s["asr_suppressed_sd"], s["asr_all"],
              s["over_refusal"], s["kl_harmless"], s["share_suppressed"]] for s in summary]

@@ -129,7 +129,7 @@ def _write_html(out: Path, doc: dict[str, Any], contributions: np.ndarray) -> No
     ax.set_ylabel("layer")
     ax.set_title("Per-head push on the refusal direction (blue: towards compliance)")
     fig.colorbar(image, ax=ax, label="s = wᵀΔh / ‖w‖")
-    heatmap = rpt._png(fig)
+    heatmap = rpt.png_base64(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ks = [r["k_percent"] for r in doc["sweep"]]
     for name, colour in (("top", "tab:blue"), ("random", "tab:gray")):
@@ -138,7 +138,7 @@ def _write_html(out: Path, doc: dict[str, Any], contributions: np.ndarray) -> No
     ax.set_xlabel("heads ablated (% of all heads)")
     ax.set_ylabel("ASR")
     ax.legend(fontsize=8)
-    curve = rpt._png(fig)
+    curve = rpt.png_base64(fig)
     rows = [[r["k_percent"], r["n_heads"], r["top_asr"], r["random_asr"], r["top_over_refusal"], r["random_over_refusal"]]
             for r in doc["sweep"]]
     rpt.write_html_report(out / "heads.html", "Refusal-suppression heads", [

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from probes.cliff import smooth  # noqa: E402
 
 
-def _png(fig: Any) -> str:
+def png_base64(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -65,7 +65,7 @@ def plot_cliff_traces(
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Refusal cliff: the probe's refusal score over the model's own reasoning")
     ax.legend(loc="lower left", fontsize=8)
-    encoded = _png(fig)
+    encoded = png_base64(fig)
     if path is not None:
         Path(path).write_bytes(base64.b64decode(encoded))
     return encoded
@@ -82,7 +82,7 @@ def plot_misalignment_by_category(traces: Sequence[tuple[str, str | None, float,
     ax.set_yticks(range(1, len(names) + 1), [n[:40] for n in names], fontsize=8)
     ax.set_xlabel("misalignment score MS = I − I′")
     ax.set_title("MS by category")
-    return _png(fig)
+    return png_base64(fig)
 
 
 def plot_asr(rows: dict[str, tuple[float | None, float | None]]) -> str:
@@ -99,10 +99,10 @@ def plot_asr(rows: dict[str, tuple[float | None, float | None]]) -> str:
     ax.set_ylabel("rate")
     ax.legend()
     ax.set_title("Held-out evaluation before and after the fine-tune")
-    return _png(fig)
+    return png_base64(fig)
 
 
-def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -142,5 +142,3 @@ def write_html_report(
 def img(encoded_png: str, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{encoded_png}'>"
 
-
-table = _table
