@@ -38,26 +38,14 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def _sequences_for(gens, close_ids: list[int], max_new_tokens: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
-    sequences, spans = [], []
-    for g in gens:
-        if g.close_index is not None and g.close_index < max_new_tokens:
-            reasoning = g.generated_ids[: g.close_index + 1]
-        else:
-            reasoning = g.generated_ids[:max_new_tokens] + close_ids
-        seq = g.prompt_ids + reasoning
-        sequences.append(seq)
-        spans.append((len(g.prompt_ids), len(seq)))
-    return sequences, spans
-
-
 def _engine(lm, probe, prompts, fmt, max_new_tokens: int, batch_size: int):
     from probes.forward import probe_traces
-    from probes.generate import generate
+    from probes.generate import generate, reasoning_span
 
     close_ids = lm.tokenizer.encode("\n" + fmt.close_marker, add_special_tokens=False)
     gens = generate(lm, prompts, fmt, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    sequences, spans = _sequences_for(gens, close_ids, max_new_tokens)
+    scored = [reasoning_span(g, close_ids, max_new_tokens) for g in gens]
+    sequences, spans = [x.sequence for x in scored], [x.span for x in scored]
     return sequences, spans, probe_traces(lm, probe, sequences, spans, batch_size=batch_size)
 
 

@@ -105,10 +105,11 @@ def cmd_score(s: dict[str, Any]) -> int:
     settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"],
                              judge_answers=s["judge_answers"])
     quarantined: list[QuarantinedRow] = []
+    counts: dict[str, int] = {}
 
     def records() -> Iterator[CandidateRecord]:
         # Streamed: bad rows are set aside as they are met, good ones scored a chunk at a time.
-        for item in iter_jsonl(s["data"]):
+        for item in iter_jsonl(s["data"], counts=counts):
             if isinstance(item, QuarantinedRow):
                 quarantined.append(item)
             else:
@@ -123,7 +124,7 @@ def cmd_score(s: dict[str, Any]) -> int:
     out_console.print(
         f"run {summary.run_id}: {summary.n_candidates} candidates, {summary.n_scored} scored, "
         f"{summary.n_already_scored} already scored, {summary.n_unclosed} traces hit the length cap; "
-        f"{len(quarantined)} rows quarantined"
+        f"{len(quarantined)} rows quarantined, {counts.get('duplicates', 0)} duplicates skipped"
     )
     for q in quarantined[:10]:
         console.print(f"  quarantined {q.source}:{q.line}: {q.reason}")

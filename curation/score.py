@@ -17,7 +17,7 @@ from curation.store import ScoreRow, Store
 from probes.chat import ThinkingFormat, split_completion
 from probes.cliff import cliff_metrics
 from probes.forward import probe_traces
-from probes.generate import generate
+from probes.generate import generate, reasoning_span
 from probes.models import LoadedModel, model_hidden_size
 from probes.refusal import RefusalProbe
 from training.judge import SubstringJudge
@@ -119,23 +119,12 @@ def _score_chunk(
     )
     judge = SubstringJudge()
     close_ids = lm.tokenizer.encode("\n" + fmt.close_marker, add_special_tokens=False)
-    sequences: list[list[int]] = []
-    spans: list[tuple[int, int]] = []
-    for g in gens:
-        if g.close_index is not None and g.close_index < settings.max_new_tokens:
-            reasoning_ids = g.generated_ids[: g.close_index + 1]
-        else:
-            # A length-capped trace is closed by force: I′ is then read where the
-            # model would have to commit if it stopped thinking now.
-            reasoning_ids = g.generated_ids[: settings.max_new_tokens] + close_ids
-        seq = g.prompt_ids + reasoning_ids
-        sequences.append(seq)
-        spans.append((len(g.prompt_ids), len(seq)))
-    traces = probe_traces(lm, probe, sequences, spans, batch_size=settings.batch_size)
+    scored_spans = [reasoning_span(g, close_ids, settings.max_new_tokens) for g in gens]
+    traces = probe_traces(lm, probe, [x.sequence for x in scored_spans], [x.span for x in scored_spans], batch_size=settings.batch_size)
     rows = []
-    for record, g, trace in zip(chunk, gens, traces, strict=True):
+    for record, g, scored, trace in zip(chunk, gens, scored_spans, traces, strict=True):
         split = split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt)
-        closed = g.close_index is not None and g.close_index < settings.max_new_tokens
+        closed = scored.closed
         rows.append(
             ScoreRow(
                 example_id=record.id,

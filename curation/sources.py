@@ -80,11 +80,13 @@ def _validate(obj: object) -> tuple[dict[str, Any] | None, str | None]:
     return obj, None
 
 
-def iter_jsonl(path: str | Path, source: str | None = None) -> Iterator[CandidateRecord | QuarantinedRow]:
+def iter_jsonl(
+    path: str | Path, source: str | None = None, counts: dict[str, int] | None = None
+) -> Iterator[CandidateRecord | QuarantinedRow]:
     """Stream candidate records from a jsonl file, one at a time, with bad rows
     yielded as ``QuarantinedRow`` (file, line, reason) in their place. Exact
-    duplicates are skipped (the ``duplicates`` attribute of ``read_jsonl``
-    counts them); the only state kept is one short id per distinct row."""
+    duplicates are skipped and counted in ``counts["duplicates"]`` when a dict
+    is given; the only state kept is one short id per distinct row."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"candidate file not found: {path}")
@@ -116,6 +118,8 @@ def iter_jsonl(path: str | Path, source: str | None = None) -> Iterator[Candidat
                 continue
             declared[user_id] = cid
         if cid in seen_ids:
+            if counts is not None:
+                counts["duplicates"] = counts.get("duplicates", 0) + 1
             continue
         seen_ids.add(cid)
         extra = {k: v for k, v in row.items() if k not in _KNOWN_FIELDS}
@@ -135,15 +139,13 @@ def read_jsonl(path: str | Path, source: str | None = None) -> ReadResult:
     """All of a jsonl file at once (small files, tests); see ``iter_jsonl``."""
     records: list[CandidateRecord] = []
     quarantined: list[QuarantinedRow] = []
-    valid_rows = 0
-    for item in iter_jsonl(path, source):
+    counts: dict[str, int] = {}
+    for item in iter_jsonl(path, source, counts):
         if isinstance(item, QuarantinedRow):
             quarantined.append(item)
         else:
             records.append(item)
-    for _lineno, raw_bytes in _lines(Path(path)):
-        valid_rows += bool(raw_bytes.strip())
-    return ReadResult(records=records, quarantined=quarantined, duplicates=valid_rows - len(records) - len(quarantined))
+    return ReadResult(records=records, quarantined=quarantined, duplicates=counts.get("duplicates", 0))
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:

@@ -25,6 +25,29 @@ class Generation:
     close_index: int | None  # index in generated_ids of the close marker's last token
 
 
+@dataclass(frozen=True)
+class ScoredSpan:
+    """What the probe reads for one generation: the teacher-forced sequence and
+    the reasoning span in it (end exclusive, close marker included)."""
+
+    sequence: list[int]
+    span: tuple[int, int]
+    closed: bool  # False: the trace hit the length cap and was closed by force
+
+
+def reasoning_span(g: Generation, close_ids: list[int], max_reasoning_tokens: int) -> ScoredSpan:
+    """The reasoning of ``g`` through its close marker. A length-capped trace is
+    closed by force (``close_ids`` appended), so I′ is read where the model
+    would have to commit if it stopped thinking now."""
+    closed = g.close_index is not None and g.close_index < max_reasoning_tokens
+    if closed:
+        reasoning = g.generated_ids[: g.close_index + 1]
+    else:
+        reasoning = g.generated_ids[:max_reasoning_tokens] + close_ids
+    sequence = g.prompt_ids + reasoning
+    return ScoredSpan(sequence, (len(g.prompt_ids), len(sequence)), closed)
+
+
 @torch.no_grad()
 def generate(
     lm: LoadedModel,
