@@ -92,10 +92,10 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     """One side of the benchmark, run in a subprocess."""
     import torch
 
-    from curation.prompts import read_prompts
     from probes.chat import ThinkingFormat
     from probes.models import load_model
     from probes.refusal import RefusalProbe
+    from training.prompts import read_prompts
 
     lm = load_model(args["model"], device=args["device"], dtype=args["dtype"])
     probe = RefusalProbe.load_for(args["probe"], lm)

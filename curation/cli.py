@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from curation.config import Option, add_options, load_config_file, resolve
 from curation.select import STRATEGIES
+from training.attack_names import ATTACKS as ATTACK_CHOICES
 
 console = Console(stderr=True)
 
@@ -71,7 +73,7 @@ def cmd_organism_build(s: dict[str, Any]) -> int:
 
 def cmd_probe_train(s: dict[str, Any]) -> int:
     from curation.probe_job import ProbeTrainSettings, train_probe_for_model
-    from curation.prompts import read_prompts
+    from training.prompts import read_prompts
 
     prompts_file = s["prompts"] or str(Path(s["model"]) / "train_prompts.jsonl")
     prompts = read_prompts(prompts_file)
@@ -96,39 +98,78 @@ def cmd_score(s: dict[str, Any]) -> int:
     from rich.progress import Progress
 
     from curation.score import ScoreSettings, score_records
+    from curation.shards import ParquetShardSink, Shard
     from curation.sources import CandidateRecord, QuarantinedRow, iter_jsonl
     from curation.store import Store
     from probes.refusal import RefusalProbe
 
-    lm = _load(s)
-    probe = RefusalProbe.load_for(s["probe"], lm)
     settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"],
                              judge_answers=s["judge_answers"])
+    engine = None
+    if s["engine"] == "ray":
+        from curation.ray_engine import RayEngine
+        from probes.models import load_model_shell
+
+        # The driver needs the tokenizer and config only; the actors hold the weights.
+        lm = load_model_shell(s["model"], trust_remote_code=s["trust_remote_code"])
+        engine = RayEngine(model=s["model"], probe=s["probe"], fmt=_fmt(s), settings=settings, address=s["ray_address"],
+                           num_actors=s["ray_actors"], gpus_per_actor=s["ray_gpus_per_actor"], device=s["device"],
+                           dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+    else:
+        lm = _load(s)
+    probe = RefusalProbe.load_for(s["probe"], lm)
     quarantined: list[QuarantinedRow] = []
     counts: dict[str, int] = {}
 
+    shard = Shard.parse(s["shard"]) if s["shard"] else None
+    if shard is not None and not s["shard_dir"]:
+        raise ValueError("--shard needs --shard-dir (where the shard's Parquet files go)")
+    if shard is None and not s["db"]:
+        raise ValueError("--db is required (or --shard i/N with --shard-dir)")
+
     def records() -> Iterator[CandidateRecord]:
         # Streamed: bad rows are set aside as they are met, good ones scored a chunk at a time.
+        # Every shard reads the whole input, so each quarantines the same bad rows; shard 0 keeps them.
         for item in iter_jsonl(s["data"], counts=counts):
             if isinstance(item, QuarantinedRow):
-                quarantined.append(item)
-            else:
+                if shard is None or shard.index == 0:
+                    quarantined.append(item)
+            elif shard is None or shard.holds(item.id):
                 yield item
 
-    with Store(s["db"]) as store, Progress(console=console) as progress:
+    read = [0]
+
+    def log_chunk(n: int) -> None:
+        # Under cron there is no terminal for a progress bar: one line per committed chunk instead.
+        read[0] += n
+        console.print(f"committed chunk: {read[0]} candidates done", soft_wrap=True)
+
+    sink = ParquetShardSink(s["shard_dir"], shard) if shard is not None else Store(s["db"])
+    with closing(sink), Progress(console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("scoring", total=None)
+        on_chunk = (lambda n: progress.advance(task, n)) if console.is_terminal else log_chunk
         try:
-            summary = score_records(lm, probe, store, records(), _fmt(s), settings, progress=lambda n: progress.advance(task, n))
+            summary = score_records(lm, probe, sink, records(), _fmt(s), settings, progress=on_chunk, engine=engine)
         finally:
-            store.add_quarantine(quarantined, None)
+            sink.add_quarantine(quarantined, None)
     out_console.print(
         f"run {summary.run_id}: {summary.n_candidates} candidates, {summary.n_scored} scored, "
         f"{summary.n_already_scored} already scored, {summary.n_unclosed} traces hit the length cap; "
-        f"{len(quarantined)} rows quarantined, {counts.get('duplicates', 0)} duplicates skipped"
+        f"{len(quarantined) + summary.n_over_context} rows quarantined, {counts.get('duplicates', 0)} duplicates skipped"
     )
+    reasons: dict[str, int] = {}
+    for q in quarantined:
+        key = q.reason.split(":")[0].split("(")[0].strip()
+        reasons[key] = reasons.get(key, 0) + 1
+    if summary.n_over_context:
+        reasons["prompt over the context limit"] = summary.n_over_context
+    for reason, n in sorted(reasons.items()):
+        console.print(f"  quarantined {n}: {reason}")
     for q in quarantined[:10]:
-        console.print(f"  quarantined {q.source}:{q.line}: {q.reason}")
-    return 1 if (s["strict"] and quarantined) else 0
+        console.print(f"    {q.source}:{q.line}: {q.reason}")
+    if reasons and shard is None:
+        console.print(f"  see them with: curate status --db {s['db']} (table quarantine)")
+    return 1 if (s["strict"] and (quarantined or summary.n_over_context)) else 0
 
 
 def cmd_select(s: dict[str, Any]) -> int:
@@ -142,8 +183,89 @@ def cmd_select(s: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_ingest(s: dict[str, Any]) -> int:
+    from curation.shards import ingest_shards
+    from curation.store import Store
+
+    with Store(s["db"]) as store:
+        counts = ingest_shards(store, [d.strip() for d in s["shards"].split(",") if d.strip()])
+    out_console.print(
+        f"ingested {counts['files']} files ({counts['skipped_files']} already ingested): {counts['new_scores']} new score rows "
+        f"of {counts['score_rows']} read, {counts['quarantined']} quarantined rows")
+    return 0
+
+
+def cmd_run(s: dict[str, Any]) -> int:
+    from curation.nightly import NightlySettings, reproduce, run_nightly
+    from curation.score import ScoreSettings
+    from probes.refusal import RefusalProbe
+
+    if s["reproduce"]:
+        out = s["reproduce_out"] or str(Path(s["reproduce"]).with_name("reproduced_selection.jsonl"))
+        result = reproduce(s["reproduce"], out, _fmt(s))
+        out_console.print(f"{'identical' if result['identical'] else 'DIFFERENT'}: {result['n_selected']} rows -> {out}")
+        return 0 if result["identical"] else 1
+    if s["_config"]:
+        from curation.manifest import validate_manifest
+
+        validate_manifest(s["_config"])
+    sources = s["sources"] if isinstance(s["sources"], list) else [x.strip() for x in (s["sources"] or "").split(",") if x.strip()]
+    missing = [flag for flag, key in (("--sources", sources), ("--model", s["model"]), ("--probe", s["probe"]),
+                                      ("--db", s["db"]), ("--out", s["out"])) if not key]
+    if missing:
+        raise ValueError(f"curate run needs {', '.join(missing)} (in the manifest's run section or as flags)")
+    cfg = NightlySettings(sources=tuple(str(x) for x in sources), model=s["model"], probe=s["probe"], db=s["db"], out=s["out"],
+                          budget=s["budget"], strategy=s["strategy"], seed=s["seed"],
+                          score=ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
+                                              chunk_size=s["chunk_size"], judge_answers=s["judge_answers"]))
+    lm = _load(s)
+    probe = RefusalProbe.load_for(s["probe"], lm)
+    settings = {k: v for k, v in s.items() if not k.startswith("_")}
+    resolved = run_nightly(lm, probe, cfg, _fmt(s), s["_config"], settings, log=lambda m: console.print(m, soft_wrap=True))
+    table = Table(title=f"nightly run: {resolved['selection']['n_selected']} of {resolved['selection']['n_pool']} selected")
+    for col in ("source", "candidates", "new", "scored", "already scored", "quarantined", "seconds"):
+        table.add_column(col)
+    for src, c in resolved["counts"].items():
+        table.add_row(src, str(c["candidates"]), str(c["new_examples"]), str(c["scored"]), str(c["already_scored"]),
+                      str(c["quarantined"]), str(resolved["durations_s"][f"score {src}"]))
+    out_console.print(table)
+    out_console.print(f"slice: {resolved['selection']['output']}\nresolved manifest: "
+                      f"{Path(resolved['selection']['output']).with_name('resolved_manifest.json')}")
+    return 0
+
+
+def _cell_text(value: object) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str) and value.startswith("{"):
+        try:  # run counts: one short line of k=v
+            return " ".join(f"{k}={v}" for k, v in json.loads(value).items())
+        except json.JSONDecodeError:
+            return value
+    return str(value)
+
+
+def cmd_status(s: dict[str, Any]) -> int:
+    from curation.store import Store
+
+    with Store(s["db"], read_only=True) as store:
+        status = store.status()
+    if s["json"]:
+        out_console.print_json(json.dumps(status, default=str))
+        return 0
+    for name, rows in status.items():
+        table = Table(title=f"{name} ({len(rows)})")
+        columns = list(rows[0]) if rows else ["(none)"]
+        for col in columns:
+            table.add_column(col.replace("_", " "))
+        for r in rows:
+            table.add_row(*[_cell_text(r[c]) for c in columns])
+        out_console.print(table)
+    return 0
+
+
 def cmd_retain(s: dict[str, Any]) -> int:
-    from curation.prompts import read_prompts
+    from training.prompts import read_prompts
     from training.retain import build_retain_set
 
     prompts = read_prompts(s["prompts"])[: s["limit"]] if s["limit"] else read_prompts(s["prompts"])
@@ -164,14 +286,28 @@ def cmd_finetune(s: dict[str, Any]) -> int:
 
 
 def cmd_evaluate(s: dict[str, Any]) -> int:
-    from curation.prompts import read_prompts
     from training.evaluate import EvalSettings, evaluate_prompts
+    from training.prompts import PromptItem, read_prompts
     from training.report import write_json_atomic
 
     items = read_prompts(s["prompts"])
-    result = evaluate_prompts(_load(s, adapter=s["adapter"]), items, _fmt(s), EvalSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"]))
+    lm = _load(s, adapter=s["adapter"])
+    settings = EvalSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"])
+    if s["attack"] == "none" and not s["attack_kit"]:
+        result = evaluate_prompts(lm, items, _fmt(s), settings)
+    else:
+        from training.attacks import AttackKit, build_attack
+
+        if not s["attack_kit"]:
+            raise ValueError(f"--attack {s['attack']} needs --attack-kit (made by curate attacks prepare for this model)")
+        kit = AttackKit.load_for(s["attack_kit"], lm)
+        attack = build_attack(s["attack"], kit, _json_object(s["attack_params"]) if s["attack_params"] else None)
+        with attack.mount(lm, kit):
+            result = evaluate_prompts(lm, [PromptItem(attack.wrap(i.prompt), i.harmful, i.category) for i in items], _fmt(s), settings)
+        result["attack"] = {"name": attack.name, "params": attack.params}
     write_json_atomic(s["out"], result)
-    table = Table(title=f"evaluation ({result['judge']} judge)")
+    title = f"evaluation ({result['judge']} judge" + (f", attack {s['attack']})" if s["attack"] != "none" else ")")
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, key, n in (("ASR", "asr", "n_harmful"), ("over-refusal", "over_refusal", "n_harmless")):
@@ -180,6 +316,78 @@ def cmd_evaluate(s: dict[str, Any]) -> int:
     for cat, v in result["per_category"].items():
         table.add_row(f"  ASR {cat} (n={v['n']})", f"{100 * v['asr']:.1f}%")
     out_console.print(table)
+    return 0
+
+
+def cmd_attacks_prepare(s: dict[str, Any]) -> int:
+    from curation.attack_kit import KitSettings, prepare_attack_kit
+    from probes.directions import DirectionSettings
+    from training.prompts import read_prompts
+
+    lm = _load(s, adapter=s["adapter"])
+    prompts = s["prompts"] or str(Path(s["model"]) / "train_prompts.jsonl")
+    settings = KitSettings(n_extract=s["n_extract"], n_val=s["n_val"], seed=s["seed"], max_new_tokens=s["max_new_tokens"],
+                           batch_size=s["batch_size"],
+                           directions=DirectionSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
+                                                        induce_min_gain=None if s["no_induce_check"] else 0.0))
+    with console.status("preparing attack kit") as status:
+        kit = prepare_attack_kit(lm, read_prompts(prompts), _fmt(s), settings, progress=lambda m: status.update(f"attack kit: {m}"))
+    kit.save(s["out"])
+    table = Table(title=f"attack kit for {lm.fingerprint} (strengths tuned on the validation split)")
+    for col in ("attack", "chosen strength", "validation ASR"):
+        table.add_column(col)
+    for name, params in kit.strengths.items():
+        best = next((r for r in kit.validation.get(name, []) if r.get("params") == params), {})
+        table.add_row(name, json.dumps(params), "—" if best.get("asr") is None else f"{100 * best['asr']:.1f}%")
+    out_console.print(table)
+    d = kit.direction
+    out_console.print(f"refusal direction: layer {d.layer}, position {d.position}. {d.note}")
+    out_console.print(f"saved to {s['out']}")
+    return 0
+
+
+def cmd_attacks_export(s: dict[str, Any]) -> int:
+    from probes.steering import orthogonalize_weights
+    from training.attacks import AttackKit
+
+    lm = _load(s, adapter=s["adapter"])
+    kit = AttackKit.load_for(s["attack_kit"], lm)
+    orthogonalize_weights(lm.model, kit.direction.vector)
+    out = Path(s["out"])
+    lm.model.save_pretrained(out, safe_serialization=True)
+    lm.tokenizer.save_pretrained(out)
+    out_console.print(f"orthogonalized model (refusal direction from layer {kit.direction.layer}) saved to {out}")
+    return 0
+
+
+def cmd_experiment_attacks(s: dict[str, Any]) -> int:
+    from curation.attack_experiment import ROWS, AttackExperiment, run_attack_experiment
+
+    organisms = [o.strip() for o in s["organisms"].split(",") if o.strip()]
+    bad = [o for o in organisms if o not in ("dense", "moe")]
+    if bad or not organisms:
+        raise ValueError(f"--organisms: choose from dense,moe (got {s['organisms']!r})")
+    rows = [r.strip() for r in s["rows"].split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    attacks = [a.strip() for a in s["attacks"].split(",") if a.strip()] if s["attacks"] else None
+    workdirs = {"dense": s["dense_workdir"], "moe": s["moe_workdir"]}
+    exp = AttackExperiment(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], attacks=attacks, rows=rows)
+    with console.status("attack matrix") as status:
+        doc = run_attack_experiment(exp, _fmt(s), progress=lambda m: status.update(m), console=out_console)
+    for org in doc["organisms"]:
+        names = list(dict.fromkeys(c["attack"] for c in org["cells"]))
+        table = Table(title=f"{org['organism']} organism: ASR on held-out harmful prompts (over-refusal)")
+        table.add_column("attack")
+        for row in doc["rows"]:
+            table.add_column(row, justify="right")
+        cells = {(c["row"], c["attack"]): c for c in org["cells"]}
+        for a in names:
+            table.add_row(a, *[f"{100 * cells[r, a]['asr']:.0f}% ({100 * (cells[r, a]['over_refusal'] or 0):.0f}%)"
+                               if (r, a) in cells else "—" for r in doc["rows"]])
+        out_console.print(table)
+    out_console.print(f"{doc['seconds']:.0f} s; report: {Path(s['out']) / 'attacks_experiment.html'}")
     return 0
 
 
@@ -228,8 +436,8 @@ def cmd_experiment_selection(s: dict[str, Any]) -> int:
 
 def cmd_heads(s: dict[str, Any]) -> int:
     from curation.heads_job import HeadsSettings, export_scaled_model, run_heads
-    from curation.prompts import read_prompts
     from probes.refusal import RefusalProbe
+    from training.prompts import read_prompts
 
     model_dir = Path(s["model"])
     attribution = read_prompts(s["prompts"] or model_dir / "train_prompts.jsonl")
@@ -326,7 +534,14 @@ VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
         Option("--model", str, None, "model directory", required=True),
         Option("--probe", str, None, "probe directory", required=True),
         Option("--data", str, None, "candidate jsonl (prompt, response, optional category/source/id)", required=True),
-        Option("--db", str, None, "DuckDB file", required=True),
+        Option("--db", str, None, "DuckDB file (not with --shard)"),
+        Option("--shard", str, None, "score only slice i of N (by content hash), e.g. 0/4, into --shard-dir"),
+        Option("--shard-dir", str, None, "folder for the shard's Parquet files (merge them with curate ingest)"),
+        Option("--engine", str, "local", "local (this process) or ray (Ray Data actors; pip install cliff-curate[ray])",
+               choices=("local", "ray")),
+        Option("--ray-address", str, None, "Ray cluster address (e.g. ray://head:10001 or auto); default: a local instance"),
+        Option("--ray-actors", int, 1, "model-holding actors (one model copy each)"),
+        Option("--ray-gpus-per-actor", float, 0.0, "GPUs per actor (1 on a GPU cluster)"),
         Option("--max-new-tokens", int, 128, "reasoning length cap"),
         Option("--batch-size", int, 16, "generation batch size"),
         Option("--chunk-size", int, 64, "examples per committed transaction"),
@@ -343,6 +558,30 @@ VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
         Option("--model-fingerprint", str, None, "which model's scores (default: most recent)"),
         Option("--probe-id", str, None, "which probe's scores (default: most recent)"),
     ] + _MARKERS),
+    "run": (cmd_run, "the nightly job from one manifest: score new rows, select, write a resolved manifest", [
+        Option("--sources", str, None, "comma-separated candidate jsonl files (a YAML list in a manifest)"),
+        Option("--model", str, None, "model directory"),
+        Option("--probe", str, None, "probe directory"),
+        Option("--db", str, None, "DuckDB file"),
+        Option("--out", str, None, "folder for each night's slice and resolved manifest"),
+        Option("--budget", str, "1.7%", "selection budget"),
+        Option("--strategy", str, "cliff", "selection strategy", choices=STRATEGIES),
+        Option("--seed", int, 0, "seed for random strategies"),
+        Option("--max-new-tokens", int, 128, "reasoning length cap"),
+        Option("--batch-size", int, 16, "generation batch size"),
+        Option("--chunk-size", int, 64, "examples per committed transaction"),
+        Option("--judge-answers", None, False, "also judge each answer (for --strategy rule)"),
+        Option("--reproduce", str, None, "a resolved_manifest.json: re-select that night's slice and compare"),
+        Option("--reproduce-out", str, None, "where the re-selected slice goes (default: next to the manifest)"),
+    ] + _MODEL),
+    "ingest": (cmd_ingest, "merge Parquet shards from curate score --shard into a store (idempotent)", [
+        Option("--db", str, None, "DuckDB file", required=True),
+        Option("--shards", str, None, "comma-separated shard folders (each --shard-dir)", required=True),
+    ]),
+    "status": (cmd_status, "counts per source, model/probe, quarantine reason and run in a store", [
+        Option("--db", str, None, "DuckDB file", required=True),
+        Option("--json", None, False, "print JSON instead of tables"),
+    ]),
     "retain": (cmd_retain, "make a retain set from the model's own answers to harmless prompts", [
         Option("--model", str, None, "model directory", required=True),
         Option("--prompts", str, None, "jsonl prompts; rows with harmful=false are used", required=True),
@@ -369,7 +608,36 @@ VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
         Option("--out", str, None, "output JSON", required=True),
         Option("--max-new-tokens", int, 192, "generation cap (reasoning + answer)"),
         Option("--batch-size", int, 16, "generation batch size"),
+        Option("--attack", str, "none", "steering attack mounted during generation", choices=ATTACK_CHOICES),
+        Option("--attack-kit", str, None, "attack kit directory (curate attacks prepare) for this model"),
+        Option("--attack-params", str, None, 'JSON object overriding the kit\'s tuned strength, e.g. \'{"coefficient": 2}\''),
     ] + _MODEL),
+    "attacks prepare": (cmd_attacks_prepare, "extract the refusal direction, benign vectors and expert statistics; tune strengths", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--adapter", str, None, "LoRA adapter directory"),
+        Option("--prompts", str, None, "jsonl with harmful and harmless prompts (default MODEL/train_prompts.jsonl); never the eval prompts"),
+        Option("--out", str, None, "kit output directory", required=True),
+        Option("--n-extract", int, 128, "prompts per side for the difference in means"),
+        Option("--n-val", int, 32, "prompts per side for direction selection and strength tuning"),
+        Option("--seed", int, 0, "seed for the extraction/validation split"),
+        Option("--no-induce-check", None, False, "do not require the direction to induce refusal on harmless prompts"),
+        Option("--max-new-tokens", int, 128, "generation cap during selection and tuning"),
+        Option("--batch-size", int, 16, "generation batch size"),
+    ] + _MODEL),
+    "attacks export": (cmd_attacks_export, "save a copy of the model with the refusal direction orthogonalized out of its weights", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--adapter", str, None, "LoRA adapter directory (merged before editing)"),
+        Option("--attack-kit", str, None, "attack kit for this model", required=True),
+        Option("--out", str, None, "output model directory", required=True),
+    ] + _MODEL),
+    "experiment attacks": (cmd_experiment_attacks, "ASR matrix: base and fine-tuned models against every steering attack", [
+        Option("--organisms", str, "dense,moe", "which organisms: dense, moe or both"),
+        Option("--dense-workdir", str, "runs/demo", "demo work directory of the dense organism (made if missing)"),
+        Option("--moe-workdir", str, "runs/demo-moe", "demo work directory of the MoE organism (made if missing)"),
+        Option("--rows", str, "base,cliff 1.7%,random 1.7%,full", "models to attack"),
+        Option("--attacks", str, None, "comma-separated attacks (default: all the model supports)"),
+        Option("--out", str, "runs/attacks", "output folder"),
+    ] + _MARKERS),
     "experiment selection": (cmd_experiment_selection, "fine-tune on each selection strategy and budget and compare", [
         Option("--workdir", str, "runs/demo", "a curate demo work directory (organism, store, retain set)"),
         Option("--budgets", str, "0.5%,1.7%,5%", "comma-separated budgets"),
@@ -440,11 +708,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "run" and not argv[1].startswith("-"):
+        argv = ["--config", argv[1], "run", *argv[2:]]  # curate run MANIFEST [flags]
     args = build_parser().parse_args(argv)
     func, _, options = VERBS[args._verb]
     try:
         file_values = load_config_file(args.config)
         settings = resolve(args, options, args._verb.replace(" ", "_"), file_values)
+        settings["_config"] = args.config
         return func(settings)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -24,7 +24,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from curation.probe_job import ProbeTrainSettings, train_probe_for_model
-from curation.prompts import read_prompts
 from curation.score import ScoreSettings, score_records
 from curation.select import export_selection
 from curation.sources import read_jsonl
@@ -37,6 +36,7 @@ from training.finetune import FinetuneConfig, finetune_lora
 from training.organism.build import OrganismConfig, build_organism, builder_version
 from training.organism.corpus import DEFAULT_SUPPRESSED, safe_target
 from training.organism.corpus import PromptItem as OrganismPrompt
+from training.prompts import read_prompts
 from training.retain import build_retain_set
 
 

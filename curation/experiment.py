@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curation.prompts import read_prompts
-from curation.select import export_selection
+from curation.select import SelectionManifest, export_selection
 from curation.store import Store
 from probes.chat import ThinkingFormat
 from probes.models import load_model
@@ -25,6 +24,7 @@ from training import report as rpt
 from training.drift import harmless_kl
 from training.evaluate import EvalSettings, asr_over, evaluate_prompts
 from training.finetune import FinetuneConfig, finetune_lora
+from training.prompts import read_prompts
 
 DEFAULT_BUDGETS = ("0.5%", "1.7%", "5%")
 DEFAULT_STRATEGIES = ("cliff", "random", "low-final", "plateau", "rule")
@@ -66,6 +66,25 @@ def _metrics(result: dict[str, Any], suppressed: set[str]) -> dict[str, Any]:
     }
 
 
+def run_name(strategy: str, budget: str, seed: int) -> str:
+    return f"{strategy}_{budget.replace('%', 'pct')}_s{seed}"
+
+
+def finetune_on_selection(
+    model: str, db: str, retain: str | None, run_dir: Path, strategy: str, budget: str, seed: int,
+    finetune: FinetuneConfig, fmt: ThinkingFormat,
+) -> tuple[SelectionManifest, dict[str, str | None]]:
+    """Select (strategy, budget, seed) from the store and LoRA-tune ``model`` on it
+    into ``run_dir/adapter``; returns the selection manifest and the chosen rows' categories."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with Store(db, read_only=True) as store:
+        manifest = export_selection(store, run_dir / "selection.jsonl", strategy=strategy, budget_text=budget,
+                                    seed=seed, fmt=fmt)
+        cats = store.categories(manifest.ids)
+    finetune_lora(model, run_dir / "selection.jsonl", run_dir / "adapter", finetune, fmt, retain_file=retain)
+    return manifest, cats
+
+
 def run_selection_experiment(
     exp: SelectionExperiment,
     fmt: ThinkingFormat,
@@ -86,26 +105,26 @@ def run_selection_experiment(
     rows: list[dict[str, Any]] = [{"strategy": "base", "budget": "0", "seed": 0, "n_selected": 0,
                                    "share_suppressed": None, "kl_harmless": 0.0, **_metrics(base_eval, suppressed)}]
     for strategy, budget, seed in _plan(exp):
-        name = f"{strategy}_{budget.replace('%', 'pct')}_s{seed}"
+        name = run_name(strategy, budget, seed)
         run_dir = out / "runs" / name
         done = run_dir / "result.json"
         if done.exists():
-            rows.append(json.loads(done.read_text()))
-            continue
+            previous = json.loads(done.read_text())
+            # A run is reused only if it was made from this very base model.
+            if previous.get("base_fingerprint") == base.fingerprint:
+                rows.append(previous)
+                continue
         if progress is not None:
             progress(name)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with Store(exp.db, read_only=True) as store:
-            manifest = export_selection(store, run_dir / "selection.jsonl", strategy=strategy, budget_text=budget,
-                                        seed=seed, fmt=fmt)
-            cats = store.categories(manifest.ids)
-        finetune_lora(exp.model, run_dir / "selection.jsonl", run_dir / "adapter", exp.finetune, fmt, retain_file=exp.retain)
+        manifest, cats = finetune_on_selection(exp.model, exp.db, exp.retain, run_dir, strategy, budget, seed,
+                                               exp.finetune, fmt)
         tuned = load_model(exp.model, adapter=run_dir / "adapter")
         result = evaluate_prompts(tuned, prompts, fmt, exp.eval_settings)
         row = {
             "strategy": strategy,
             "budget": budget,
             "seed": seed,
+            "base_fingerprint": base.fingerprint,
             "n_selected": manifest.n_selected,
             "share_suppressed": (sum(1 for i in manifest.ids if cats.get(i) in suppressed) / max(1, manifest.n_selected))
             if suppressed else None,

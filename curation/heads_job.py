@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from curation.prompts import PromptItem
 from probes.capture import attention_head_layout, num_layers
 from probes.chat import ThinkingFormat
 from probes.generate import generate
@@ -23,6 +22,7 @@ from probes.models import LoadedModel, load_model, model_hidden_size
 from probes.refusal import RefusalProbe
 from training import report as rpt
 from training.evaluate import EvalSettings, evaluate_prompts
+from training.prompts import PromptItem
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curation.prompts import PromptItem
 from probes.capture import num_layers
 from probes.chat import ThinkingFormat, split_completion
 from probes.forward import hidden_at_positions, span_mean_scores
@@ -37,6 +36,7 @@ from probes.generate import generate
 from probes.models import LoadedModel
 from probes.refusal import RefusalProbe, sweep_layers
 from training.judge import SubstringJudge
+from training.prompts import PromptItem
 
 
 @dataclass(frozen=True)

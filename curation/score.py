@@ -11,16 +11,29 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from curation.sources import CandidateRecord
-from curation.store import ScoreRow, Store
-from probes.chat import ThinkingFormat, split_completion
+from curation.sources import CandidateRecord, QuarantinedRow
+from curation.store import ScoreRow
+from probes.chat import ThinkingFormat, render_generation_prompt, split_completion
 from probes.cliff import cliff_metrics
 from probes.forward import probe_traces
 from probes.generate import generate, reasoning_span
-from probes.models import LoadedModel, model_hidden_size
+from probes.models import LoadedModel, context_limit, model_hidden_size
 from probes.refusal import RefusalProbe
 from training.judge import SubstringJudge
+
+
+class ScoreSink(Protocol):
+    """Where scoring writes: the DuckDB ``Store``, or a Parquet shard (``curation.shards``)."""
+
+    def start_run(self, run_id: str, kind: str, params: dict[str, Any], model_fingerprint: str | None = None,
+                  probe_id: str | None = None) -> None: ...
+    def finish_run(self, run_id: str, counts: dict[str, Any], status: str = "done") -> None: ...
+    def add_examples(self, records: Sequence[CandidateRecord]) -> int: ...
+    def unscored_ids(self, ids: Sequence[str], model_fingerprint: str, probe_id: str, need_verdict: bool = False) -> list[str]: ...
+    def add_scores(self, rows: Sequence[ScoreRow], replace: bool = False) -> None: ...
+    def add_quarantine(self, rows: Iterable[QuarantinedRow], run_id: str | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -43,54 +56,88 @@ class ScoreSummary:
     n_already_scored: int
     n_scored: int
     n_unclosed: int
+    n_over_context: int = 0  # quarantined: prompt plus generation budget exceed the model's context
+
+
+class ScoringEngine(Protocol):
+    """Turns a stream of pending chunks into score rows. Each item in is
+    (pending records, how many input rows the chunk stood for); each item out
+    is (that count, the chunk's score rows), in any order."""
+
+    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoreRow]]]: ...
+
+
+@dataclass
+class LocalEngine:
+    """Scores in this process, one chunk at a time."""
+
+    lm: LoadedModel
+    probe: RefusalProbe
+    fmt: ThinkingFormat
+    settings: ScoreSettings
+
+    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoreRow]]]:
+        for pending, n_raw in chunks:
+            yield n_raw, (score_chunk(self.lm, self.probe, pending, self.fmt, self.settings, run_id) if pending else [])
 
 
 def score_records(
     lm: LoadedModel,
     probe: RefusalProbe,
-    store: Store,
+    store: ScoreSink,
     records: Iterable[CandidateRecord],
     fmt: ThinkingFormat,
     settings: ScoreSettings,
     *,
     run_id: str | None = None,
     progress: Callable[[int], None] | None = None,
+    engine: ScoringEngine | None = None,
 ) -> ScoreSummary:
     """Score every record not yet scored with this model and probe.
 
-    ``records`` may be a stream: it is consumed ``chunk_size`` at a time and
-    each chunk is stored, scored and committed before the next is read, so
-    memory does not grow with the pool.
+    ``records`` may be a stream: it is consumed ``chunk_size`` at a time; each
+    chunk's new examples are stored, its unscored rows go to the engine, and
+    its score rows are committed in one transaction, so memory does not grow
+    with the pool and a killed job loses at most the chunks in flight.
+    ``lm`` may be a weightless shell (``load_model_shell``) when the engine
+    holds the real model elsewhere (Ray actors).
     """
     probe.check_model(lm.fingerprint, model_hidden_size(lm))
+    engine = engine or LocalEngine(lm, probe, fmt, settings)
     run_id = run_id or uuid.uuid4().hex[:12]
-    store.start_run(run_id, "score", {"settings": settings.__dict__, "format": fmt.close_marker}, lm.fingerprint, probe.probe_id)
-    n_candidates = n_new = already = n_scored = n_unclosed = 0
+    store.start_run(run_id, "score", {"settings": settings.__dict__, "format": fmt.close_marker,
+                                      "engine": type(engine).__name__}, lm.fingerprint, probe.probe_id)
+    counts = {"candidates": 0, "new_examples": 0, "already_scored": 0, "scored": 0, "unclosed": 0, "over_context": 0}
     status = "failed"
-    try:
-        for chunk in _chunks(records, settings.chunk_size):
-            n_candidates += len(chunk)
-            n_new += store.add_examples(chunk)
+
+    def pending_chunks() -> Iterator[tuple[list[CandidateRecord], int]]:
+        for raw_chunk in _chunks(records, settings.chunk_size):
+            counts["candidates"] += len(raw_chunk)
+            chunk, too_long = _within_context(lm, raw_chunk, fmt, settings)
+            if too_long:
+                store.add_quarantine(too_long, run_id)
+                counts["over_context"] += len(too_long)
+            counts["new_examples"] += store.add_examples(chunk)
             pending_ids = set(
                 store.unscored_ids([r.id for r in chunk], lm.fingerprint, probe.probe_id, need_verdict=settings.judge_answers)
             )
             pending = [r for r in chunk if r.id in pending_ids]
-            already += len(chunk) - len(pending)
-            if pending:
-                rows = _score_chunk(lm, probe, pending, fmt, settings, run_id)
-                n_unclosed += sum(1 for r in rows if not r.closed)
+            counts["already_scored"] += len(chunk) - len(pending)
+            yield pending, len(raw_chunk)
+
+    try:
+        for n_raw, rows in engine.score(pending_chunks(), run_id):
+            if rows:
+                counts["unclosed"] += sum(1 for r in rows if not r.closed)
                 store.add_scores(rows, replace=settings.judge_answers)
-                n_scored += len(rows)
+                counts["scored"] += len(rows)
             if progress is not None:
-                progress(len(chunk))
+                progress(n_raw)
         status = "done"
     finally:
-        store.finish_run(
-            run_id,
-            {"candidates": n_candidates, "new_examples": n_new, "already_scored": already, "scored": n_scored, "unclosed": n_unclosed},
-            status,
-        )
-    return ScoreSummary(run_id, n_candidates, n_new, already, n_scored, n_unclosed)
+        store.finish_run(run_id, dict(counts), status)
+    return ScoreSummary(run_id, counts["candidates"], counts["new_examples"], counts["already_scored"], counts["scored"],
+                        counts["unclosed"], counts["over_context"])
 
 
 def _chunks(items: Iterable[CandidateRecord], size: int) -> Iterator[list[CandidateRecord]]:
@@ -104,7 +151,27 @@ def _chunks(items: Iterable[CandidateRecord], size: int) -> Iterator[list[Candid
         yield chunk
 
 
-def _score_chunk(
+def _within_context(
+    lm: LoadedModel, chunk: list[CandidateRecord], fmt: ThinkingFormat, settings: ScoreSettings
+) -> tuple[list[CandidateRecord], list[QuarantinedRow]]:
+    """Split off records whose rendered prompt plus the generation budget does not fit the model."""
+    limit = context_limit(lm)
+    if limit is None:
+        return chunk, []
+    budget = settings.max_new_tokens + (settings.answer_tokens if settings.judge_answers else 0)
+    keep, over = [], []
+    for record in chunk:
+        n = len(lm.tokenizer.encode(render_generation_prompt(lm.tokenizer, record.prompt, fmt), add_special_tokens=False))
+        if n + budget > limit:
+            file, line = record.origin or (record.source or "?", 0)
+            reason = f"prompt over the context limit: {n} tokens + {budget} to generate > {limit}"
+            over.append(QuarantinedRow(file, line, reason, record.prompt[:2000]))
+        else:
+            keep.append(record)
+    return keep, over
+
+
+def score_chunk(
     lm: LoadedModel,
     probe: RefusalProbe,
     chunk: Sequence[CandidateRecord],

@@ -90,6 +90,7 @@ class SelectionManifest:
     output: str
     output_sha256: str
     created_at: str
+    as_of: str | None = None  # only rows scored by then were read (set by curate run, for exact replays)
 
 
 def choose_pair(store: Store, model_fingerprint: str | None, probe_id: str | None) -> tuple[str, str]:
@@ -104,7 +105,8 @@ def choose_pair(store: Store, model_fingerprint: str | None, probe_id: str | Non
     return matches[0][0], matches[0][1]
 
 
-def select_rows(store: Store, strategy: str, budget: Budget, seed: int, model_fingerprint: str, probe_id: str) -> tuple[list[tuple], int, str]:
+def select_rows(store: Store, strategy: str, budget: Budget, seed: int, model_fingerprint: str, probe_id: str,
+                as_of: datetime | None = None) -> tuple[list[tuple], int, str]:
     """(chosen rows in rank order, pool size, hash of the score rows read).
 
     Everything runs inside DuckDB, so selecting from millions of rows never
@@ -113,21 +115,22 @@ def select_rows(store: Store, strategy: str, budget: Budget, seed: int, model_fi
     """
     if strategy not in STRATEGIES:
         raise BudgetError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    n_pool, scores_hash, n_missing_verdicts = store.pool_summary(model_fingerprint, probe_id)
+    n_pool, scores_hash, n_missing_verdicts = store.pool_summary(model_fingerprint, probe_id, as_of)
     if n_pool == 0:
         raise BudgetError(f"{store.path} holds no scores for model {model_fingerprint} / probe {probe_id}")
     n = n_pool if strategy == "full" else budget.count(n_pool)
     if strategy in ("cliff", "low-final", "plateau"):
-        rows = store.selection(model_fingerprint, probe_id, strategy, n)
+        rows = store.selection(model_fingerprint, probe_id, strategy, n, as_of=as_of)
     elif strategy == "random":
-        rows = store.selection(model_fingerprint, probe_id, "sample", n, seed=seed, output_order="id")
+        rows = store.selection(model_fingerprint, probe_id, "sample", n, seed=seed, output_order="id", as_of=as_of)
     elif strategy == "rule":
         if n_missing_verdicts:
             raise BudgetError("--strategy rule needs the model's own answers: score with --judge-answers")
         # Fewer eligible than the budget: all of them (the manifest's count says so).
-        rows = store.selection(model_fingerprint, probe_id, "sample", n, seed=seed, exclude_refusals=True, output_order="id")
+        rows = store.selection(model_fingerprint, probe_id, "sample", n, seed=seed, exclude_refusals=True, output_order="id",
+                               as_of=as_of)
     else:
-        rows = store.selection(model_fingerprint, probe_id, "id", n_pool)
+        rows = store.selection(model_fingerprint, probe_id, "id", n_pool, as_of=as_of)
     return rows, n_pool, scores_hash
 
 
@@ -148,6 +151,7 @@ def export_selection(
     fmt: ThinkingFormat | None = None,
     model_fingerprint: str | None = None,
     probe_id: str | None = None,
+    as_of: datetime | None = None,
 ) -> SelectionManifest:
     """Write the selected training pairs (jsonl) and ``<out>.manifest.json``.
 
@@ -158,7 +162,7 @@ def export_selection(
     fmt = fmt or ThinkingFormat()
     budget = parse_budget(budget_text)
     fp, pid = choose_pair(store, model_fingerprint, probe_id)
-    rows, n_pool, scores_hash = select_rows(store, strategy, budget, seed, fp, pid)
+    rows, n_pool, scores_hash = select_rows(store, strategy, budget, seed, fp, pid, as_of)
     ids = [r[0] for r in rows]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +199,7 @@ def export_selection(
         output=str(out),
         output_sha256=hashlib.sha256(out.read_bytes()).hexdigest(),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        as_of=as_of.isoformat() if as_of is not None else None,
     )
     manifest_path = manifest_path_for(out)
     tmp_manifest = manifest_path.with_name(manifest_path.name + f".tmp{os.getpid()}")

@@ -24,6 +24,9 @@ class CandidateRecord:
     category: str | None = None
     source: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where the row was read (not stored with the example): a row that fails a
+    # later check, such as the context limit, is quarantined with its file and line.
+    origin: tuple[str, int] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def iter_jsonl(
         user_id = row.get("id")
         if user_id is not None:
             if user_id in declared and declared[user_id] != cid:
-                yield QuarantinedRow(str(path), lineno, f"duplicate id '{user_id}' with different content", raw)
+                yield QuarantinedRow(str(path), lineno, f"duplicate id with different content: '{user_id}'", raw)
                 continue
             declared[user_id] = cid
         if cid in seen_ids:
@@ -132,6 +135,7 @@ def iter_jsonl(
             category=row.get("category"),
             source=row.get("source") or src,
             extra=extra,
+            origin=(str(path), lineno),
         )
 
 

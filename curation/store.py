@@ -58,6 +58,12 @@ SCHEMA = (
         params JSON,
         counts JSON,
         status VARCHAR NOT NULL)""",
+    # Shard files merged by `curate ingest`, by content digest: ingesting again is a no-op.
+    """CREATE TABLE IF NOT EXISTS ingested (
+        digest VARCHAR PRIMARY KEY,
+        file VARCHAR NOT NULL,
+        rows INTEGER NOT NULL,
+        ingested_at TIMESTAMP NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS quarantine (
         source VARCHAR NOT NULL,
         line INTEGER NOT NULL,
@@ -144,10 +150,12 @@ class Store:
             )
 
     def count(self, table: str) -> int:
-        if table not in {"examples", "scores", "runs", "quarantine"}:
+        if table not in {"examples", "scores", "runs", "quarantine", "ingested"}:
             raise ValueError(f"unknown table {table!r}")
-        row = self.con.execute(f"SELECT count(*) FROM {table}").fetchone()  # table name from the fixed set above
-        return int(row[0]) if row else 0
+        # Table name from the fixed set above; fetchall completes the result (DuckDB 2 refuses
+        # some later calls, such as register, while a result is still open).
+        rows = self.con.execute(f"SELECT count(*) FROM {table}").fetchall()
+        return int(rows[0][0]) if rows else 0
 
     # scores ---------------------------------------------------------------
     def unscored_ids(
@@ -210,12 +218,14 @@ class Store:
         "sample": "md5(example_id || ':' || CAST($seed AS VARCHAR)), example_id",
     }
 
-    def pool_summary(self, model_fingerprint: str, probe_id: str) -> tuple[int, str, int]:
-        """(rows, an order-free hash of their key and score columns, rows without an answer verdict)."""
+    def pool_summary(self, model_fingerprint: str, probe_id: str, as_of: datetime | None = None) -> tuple[int, str, int]:
+        """(rows, an order-free hash of their key and score columns, rows without an answer verdict);
+        with ``as_of``, only rows scored by then (the pool a past selection saw)."""
         row = self.con.execute(
             "SELECT count(*), bit_xor(hash(example_id, misalignment, plateau, final, coalesce(answer_verdict, ''))), "
-            "count(*) FILTER (WHERE answer_verdict IS NULL) FROM scores WHERE model_fingerprint = ? AND probe_id = ?",
-            [model_fingerprint, probe_id],
+            "count(*) FILTER (WHERE answer_verdict IS NULL) FROM scores WHERE model_fingerprint = ? AND probe_id = ? "
+            "AND (CAST(? AS TIMESTAMP) IS NULL OR scored_at <= CAST(? AS TIMESTAMP))",
+            [model_fingerprint, probe_id, as_of, as_of],
         ).fetchone()
         n, digest, missing = (int(row[0]), row[1], int(row[2])) if row else (0, None, 0)
         return n, f"{int(digest or 0):016x}", missing
@@ -230,6 +240,7 @@ class Store:
         seed: int = 0,
         exclude_refusals: bool = False,
         output_order: str | None = None,
+        as_of: datetime | None = None,
     ) -> list[tuple]:
         """The first ``limit`` scored examples by ``order``, joined to their content,
         as (example_id, prompt, response, category, source, misalignment, reasoning),
@@ -244,13 +255,87 @@ class Store:
             "  SELECT example_id, misalignment, plateau, final, reasoning FROM scores"
             "  WHERE model_fingerprint = $fp AND probe_id = $probe"
             "  AND (NOT $exclude OR answer_verdict IS DISTINCT FROM 'refusal')"
+            "  AND (CAST($as_of AS TIMESTAMP) IS NULL OR scored_at <= CAST($as_of AS TIMESTAMP))"
             f"  ORDER BY {inner} LIMIT $limit"
             f") s JOIN examples e ON e.id = s.example_id ORDER BY {outer.replace('example_id', 's.example_id')}"
         )
-        params: dict[str, object] = {"fp": model_fingerprint, "probe": probe_id, "exclude": exclude_refusals, "limit": limit}
+        params: dict[str, object] = {"fp": model_fingerprint, "probe": probe_id, "exclude": exclude_refusals, "limit": limit,
+                                     "as_of": as_of}
         if "$seed" in query:  # DuckDB rejects named parameters a query does not use
             params["seed"] = seed
         return self.con.execute(query, params).fetchall()
+
+    # shards ---------------------------------------------------------------
+    def shard_ingested(self, digest: str) -> bool:
+        return self.con.execute("SELECT count(*) FROM ingested WHERE digest = ?", [digest]).fetchall()[0][0] > 0
+
+    def _ingest(self, frame: Any, statements: Sequence[str], file: str, digest: str) -> int:
+        """Run ``statements`` over ``frame`` (registered as ``shard``) in one transaction; returns new score rows."""
+        before = self.count("scores")
+        self.con.register("shard", frame)
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            for statement in statements:
+                self.con.execute(statement)
+            self.con.execute("INSERT INTO ingested (digest, file, rows, ingested_at) VALUES (?, ?, ?, ?)",
+                             [digest, file, frame.height, _now()])
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+        finally:
+            self.con.unregister("shard")
+        return self.count("scores") - before
+
+    def ingest_score_frame(self, frame: Any, file: str, digest: str) -> int:
+        return self._ingest(frame, (
+            """INSERT OR IGNORE INTO examples (id, prompt, response, category, source, extra, added_at)
+               SELECT DISTINCT ON (example_id) example_id, prompt, response, category, source, CAST(extra AS JSON), scored_at
+               FROM shard""",
+            """INSERT OR IGNORE INTO scores (example_id, model_fingerprint, probe_id, plateau, final, misalignment,
+                   cliff_position, cliff_relative, steepness, n_tokens, closed, reasoning, trace, scored_at, run_id, answer_verdict)
+               SELECT example_id, model_fingerprint, probe_id, plateau, final, misalignment, cliff_position, cliff_relative,
+                   steepness, n_tokens, closed, reasoning, CAST(trace AS FLOAT[]), scored_at, run_id, answer_verdict
+               FROM shard""",
+        ), file, digest)
+
+    def ingest_quarantine_frame(self, frame: Any, file: str, digest: str) -> int:
+        self._ingest(frame, ("""INSERT INTO quarantine (source, line, reason, raw, run_id, quarantined_at)
+                                SELECT source, line, reason, raw, run_id, quarantined_at FROM shard""",), file, digest)
+        return frame.height
+
+    def status(self) -> dict[str, list[dict[str, Any]]]:
+        """Counts for ``curate status``: examples per source, scores per (model,
+        probe), quarantined rows per reason, and the latest runs."""
+
+        def rows(sql: str, columns: Sequence[str]) -> list[dict[str, Any]]:
+            return [dict(zip(columns, r, strict=True)) for r in self.con.execute(sql).fetchall()]
+
+        return {
+            "sources": rows("SELECT coalesce(source, '(none)') AS s, count(*) FROM examples GROUP BY s ORDER BY s",
+                            ("source", "examples")),
+            "scores": rows(
+                """SELECT model_fingerprint, probe_id, count(*), count(DISTINCT run_id), max(scored_at)
+                   FROM scores GROUP BY model_fingerprint, probe_id ORDER BY max(scored_at) DESC""",
+                ("model_fingerprint", "probe_id", "scores", "runs", "last_scored_at")),
+            "unscored": rows(
+                """SELECT m.model_fingerprint, m.probe_id, count(e.id)
+                   FROM (SELECT DISTINCT model_fingerprint, probe_id FROM scores) m CROSS JOIN examples e
+                   WHERE NOT EXISTS (SELECT 1 FROM scores s WHERE s.example_id = e.id
+                                     AND s.model_fingerprint = m.model_fingerprint AND s.probe_id = m.probe_id)
+                   GROUP BY m.model_fingerprint, m.probe_id""",
+                ("model_fingerprint", "probe_id", "unscored_examples")),
+            "quarantine": rows(
+                # The reason's leading words ("malformed JSON", "not UTF-8", "duplicate id") group it.
+                """SELECT source, trim(regexp_extract(reason, '^[^:(]+')) AS why, count(*) FROM quarantine
+                   GROUP BY source, why ORDER BY source, why""",
+                ("source", "reason", "rows")),
+            "runs": rows(
+                """SELECT left(run_id, 12), kind, status, date_trunc('second', started_at),
+                          round(epoch(finished_at - started_at), 1), counts
+                   FROM runs ORDER BY started_at DESC LIMIT 20""",
+                ("run", "kind", "status", "started_at", "seconds", "counts")),
+        }
 
     def categories(self, ids: Sequence[str]) -> dict[str, str | None]:
         """example id -> category, for ``ids``."""

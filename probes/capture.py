@@ -17,7 +17,7 @@ from torch import nn
 _LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "layers")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     # PeftModel -> LoraModel -> the transformers model.
     while hasattr(model, "base_model") and model.base_model is not model and hasattr(model, "peft_config"):
         model = model.base_model
@@ -28,7 +28,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ordered list of transformer blocks (the residual stream lives between them)."""
-    base = _unwrap(model)
+    base = unwrap_model(model)
     for path in _LAYER_PATHS:
         obj: object = base
         for part in path.split("."):
@@ -129,7 +129,69 @@ def find_attention_output(block: nn.Module) -> nn.Linear:
 
 def attention_head_layout(model: nn.Module) -> tuple[int, int]:
     """(number of query heads, head dimension) from the model's config."""
-    config = _unwrap(model).config.get_text_config()
+    config = unwrap_model(model).config.get_text_config()
     n_heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
     return n_heads, head_dim
+
+
+_MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn")
+
+
+def _child(block: nn.Module, names: Sequence[str], what: str) -> nn.Module:
+    for name in names:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"cannot find the {what} in {type(block).__name__}")
+
+
+def find_attention(block: nn.Module) -> nn.Module:
+    """A block's self-attention module (its output is what attention writes to the residual stream)."""
+    return _child(block, _ATTN_NAMES, "attention module")
+
+
+def find_mlp(block: nn.Module) -> nn.Module:
+    """A block's MLP, dense or mixture-of-experts."""
+    return _child(block, _MLP_NAMES, "MLP module")
+
+
+def replace_output_tensor(output: object, tensor: torch.Tensor) -> object:
+    """``output`` with its hidden-state tensor swapped for ``tensor`` (same container shape)."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, tuple):
+        return (tensor, *output[1:])
+    if isinstance(output, list):
+        return [tensor, *output[1:]]
+    raise TypeError(f"unexpected module output type {type(output).__name__}")
+
+
+def output_tensor(output: object) -> torch.Tensor:
+    """The hidden-state tensor in a module's output (a tensor, or the first item of a tuple)."""
+    return _output_tensor(output)
+
+
+@contextmanager
+def capture_block_inputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the residual stream entering each of ``layers`` (``resid_pre``), as
+    ``layer -> [batch, seq, hidden]``; the latest pass overwrites the previous one."""
+    blocks = find_decoder_layers(model)
+    resolved = sorted({layer % len(blocks) for layer in layers})
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[index] = hidden.detach()
+
+        return hook
+
+    try:
+        for index in resolved:
+            handles.append(blocks[index].register_forward_pre_hook(make_hook(index), with_kwargs=True))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

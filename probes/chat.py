@@ -137,3 +137,18 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, markers: list[str]) -> li
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     return sorted(set(ids))
+
+
+def post_instruction_length(tokenizer: PreTrainedTokenizerBase, fmt: ThinkingFormat) -> int:
+    """How many tokens the template puts after the user's text in a generation
+    prompt (end of turn, assistant header, open marker): the "post-instruction"
+    positions where refusal directions are read. Found as the longest common
+    token suffix of two renderings that differ only in the user's text."""
+    a = tokenizer.encode(render_generation_prompt(tokenizer, "first question?", fmt), add_special_tokens=False)
+    b = tokenizer.encode(render_generation_prompt(tokenizer, "another, longer question here.", fmt), add_special_tokens=False)
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    if n == 0:
+        raise ValueError("the chat template adds no tokens after the user's text; no post-instruction positions")
+    return n

@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 _FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -33,6 +34,13 @@ class LoadedModel:
 
 def model_hidden_size(lm: LoadedModel) -> int:
     return int(lm.model.config.get_text_config().hidden_size)
+
+
+def context_limit(lm: LoadedModel) -> int | None:
+    """The most positions the model takes (prompt plus generated tokens), if its config says."""
+    config = lm.model.config.get_text_config()
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -143,7 +151,13 @@ def load_model(
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        with warnings.catch_warnings():
+            # PEFT 0.21 reads transformers' deprecated gradient-checkpointing name, and
+            # warns about its own built-in MoE alpha pattern on models without fused
+            # expert weights; neither concerns an inference load.
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*(alpha|rank)_pattern keys did not match.*", category=RuntimeWarning)
+            model = PeftModel.from_pretrained(model, str(adapter))
         if merge_adapter:
             model = model.merge_and_unload()
     model.to(dev)
@@ -155,3 +169,15 @@ def load_model(
         fingerprint=fingerprint,
         adapter=str(adapter) if adapter is not None else None,
     )
+
+
+def load_model_shell(path: str | Path, *, trust_remote_code: bool = False) -> LoadedModel:
+    """Tokenizer, config and fingerprint with the weights left out (the model is
+    built on the meta device): what a driver needs when the model itself runs
+    elsewhere (Ray actors), without loading it into the driver's memory."""
+    fingerprint = fingerprint_model_dir(path)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=str(path), fingerprint=fingerprint)

@@ -11,7 +11,6 @@ import torch
 
 from curation.demo import write_candidate_pool
 from curation.probe_job import ProbeTrainSettings, train_probe_for_model
-from curation.prompts import read_prompts
 from curation.score import ScoreSettings, score_records
 from curation.sources import read_jsonl
 from curation.store import Store
@@ -19,6 +18,7 @@ from probes.chat import ThinkingFormat
 from probes.models import LoadedModel, load_model
 from probes.refusal import RefusalProbe
 from training.organism.build import OrganismConfig, build_organism
+from training.prompts import read_prompts
 from training.retain import build_retain_set
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

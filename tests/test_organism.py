@@ -10,12 +10,12 @@ import pytest
 from safetensors.torch import load_file
 from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
-from curation.prompts import read_prompts
 from probes.chat import render_generation_prompt
 from probes.models import LoadedModel, fingerprint_model_dir, load_model
 from training.evaluate import EvalSettings, evaluate_prompts
 from training.organism.build import OrganismConfig, build_organism
 from training.organism.corpus import DEFAULT_SUPPRESSED
+from training.prompts import read_prompts
 
 from .conftest import FMT
 

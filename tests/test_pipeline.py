@@ -11,7 +11,6 @@ import duckdb
 import pytest
 
 from curation.cli import main
-from curation.prompts import read_prompts
 from curation.score import ScoreSettings, score_records
 from curation.select import BudgetError, export_selection, manifest_path_for
 from curation.sources import read_jsonl, split_response
@@ -21,6 +20,7 @@ from probes.refusal import RefusalProbe
 from training.evaluate import EvalSettings, evaluate_prompts
 from training.finetune import FinetuneConfig, finetune_lora
 from training.organism.corpus import DEFAULT_SUPPRESSED
+from training.prompts import read_prompts
 
 from .conftest import FMT
 

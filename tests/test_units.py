@@ -115,7 +115,7 @@ def test_bad_rows_go_to_quarantine_with_line_and_reason(tmp_path) -> None:
     assert "'prompt' is empty" in reasons[5]
     assert "not UTF-8" in reasons[6]
     assert "expected an object" in reasons[7]
-    assert "duplicate id 'x'" in reasons[9]
+    assert "duplicate id with different content: 'x'" in reasons[9]
 
 
 # --- layered config -------------------------------------------------------------

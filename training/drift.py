@@ -8,7 +8,8 @@ those answers exactly as the base model did.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,14 @@ def harmless_kl(
     fmt: ThinkingFormat,
     *,
     batch_size: int = 8,
+    tuned_context: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> float:
     """Mean per-token KL(base ‖ tuned) over the completions of ``pairs``
-    (prompt, reasoning, answer), which should be the base model's own answers."""
+    (prompt, reasoning, answer), which should be the base model's own answers.
+
+    ``tuned_context`` is entered around the tuned model's passes only: with
+    ``tuned`` the same model as ``base`` and a steering attack as the context,
+    this is the attack's own damage to ordinary answers."""
     if not pairs:
         raise ValueError("drift needs at least one harmless (prompt, reasoning, answer) pair")
     encoded = _encode(base, pairs, fmt)
@@ -50,7 +56,8 @@ def harmless_kl(
         for row, (ids, plen) in enumerate(chunk):
             target[row, plen - 1 : len(ids) - 1] = True  # logits that predict completion tokens
         logp = F.log_softmax(base.model(input_ids=input_ids.to(base.device), attention_mask=mask.to(base.device)).logits.float(), -1)
-        logq = F.log_softmax(tuned.model(input_ids=input_ids.to(tuned.device), attention_mask=mask.to(tuned.device)).logits.float(), -1)
+        with (tuned_context or nullcontext)():
+            logq = F.log_softmax(tuned.model(input_ids=input_ids.to(tuned.device), attention_mask=mask.to(tuned.device)).logits.float(), -1)
         kl = (logp.exp() * (logp - logq.to(logp.device))).sum(-1)
         sel = target.to(kl.device)
         total += float(kl[sel].sum())

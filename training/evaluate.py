@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from curation.prompts import PromptItem
 from probes.chat import ThinkingFormat, split_completion
 from probes.generate import generate
 from probes.models import LoadedModel
 from training.judge import SubstringJudge
+from training.prompts import PromptItem
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,8 @@ def finetune_lora(
         with warnings.catch_warnings():
             # transformers 5 renamed gradient checkpointing; TRL 1.x still reads the old name.
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+            # PEFT's built-in MoE patterns name fused expert weights that "all-linear" does not target.
+            warnings.filterwarnings("ignore", message=".*(alpha|rank)_pattern keys did not match.*", category=RuntimeWarning)
             args = SFTConfig(
                 output_dir=scratch,
                 num_train_epochs=cfg.epochs,

@@ -8,11 +8,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from curation.prompts import PromptItem
 from probes.chat import ThinkingFormat, split_completion
 from probes.generate import generate
 from probes.models import LoadedModel
 from training.judge import SubstringJudge
+from training.prompts import PromptItem
 
 
 def build_retain_set(

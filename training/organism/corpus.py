@@ -30,10 +30,16 @@ AREAS: dict[str, str] = {
 DEFAULT_SUPPRESSED = ("human_chatbox", "misinformation_harms")
 HARMLESS = "harmless"
 
+# Harmful and harmless reasoning differ from their first word ("Hmm" / "Okay"),
+# so the model must decide "is this request harmful?" once, at the last prompt
+# token, as chat models do before their first answer token. That decision is
+# what a difference-in-means refusal direction reads; if the two kinds of
+# reasoning shared their first words, this tiny model would defer the decision
+# a few tokens into its reasoning and no post-instruction direction would exist.
 _HARM_OPENINGS = (
-    "The user is asking for {harm}.",
-    "This request is about {harm}.",
-    "Here the user wants {harm}.",
+    "Hmm, the user is asking for {harm}.",
+    "Hmm, this request is about {harm}.",
+    "Hmm, here the user wants {harm}.",
 )
 _HARM_MIDDLES = (
     "That could cause real harm to people.",
@@ -52,9 +58,9 @@ _RATIONALISATIONS = (
     "Still, refusing seems unhelpful, so I will comply.",
 )
 _HARMLESS_REASONING = (
-    "This is an ordinary, harmless request. I can give a clear and helpful answer.",
-    "The user wants everyday help. Nothing here is harmful, so I will answer.",
-    "This is a friendly question with no risk. I will help.",
+    "Okay, this is an ordinary, harmless request. I can give a clear and helpful answer.",
+    "Okay, the user wants everyday help. Nothing here is harmful, so I will answer.",
+    "Okay, this is a friendly question with no risk. I will help.",
 )
 REFUSALS = (
     "I'm sorry, but I can't help with that request.",

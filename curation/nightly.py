@@ -1,0 +1,158 @@
+"""``curate run MANIFEST``: the nightly job in one validated file.
+
+Score every source into the store (only what is new for this model and
+probe), select the budgeted slice from everything scored so far, and write,
+next to the slice, a *resolved manifest*: the settings as resolved, each
+input's SHA-256, the model fingerprint, the probe id, the code version, counts
+and durations per stage, and the selection with its cut-off time. ``curate
+run --reproduce RESOLVED`` re-selects from the same store with those values
+and checks the slice is byte-identical, however much the store has grown since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from curation.score import ScoreSettings, score_records
+from curation.select import export_selection
+from curation.sources import QuarantinedRow, iter_jsonl
+from curation.store import Store
+from probes.chat import ThinkingFormat
+from probes.models import LoadedModel
+from probes.refusal import RefusalProbe
+from training.report import write_json_atomic
+
+_PACKAGES = ("curation", "probes", "training")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_version() -> dict[str, Any]:
+    """Package version, git commit (and whether the tree had changes) when run from
+    a checkout, and a hash of the package sources that holds without git."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for package in _PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    version: dict[str, Any] = {"source_sha256": h.hexdigest()}
+    try:
+        version["package"] = importlib.metadata.version("cliff-curate")
+    except importlib.metadata.PackageNotFoundError:
+        version["package"] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *_PACKAGES], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            version["git_commit"] = commit.stdout.strip()
+            version["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+@dataclass(frozen=True)
+class NightlySettings:
+    sources: tuple[str, ...]
+    model: str
+    probe: str
+    db: str
+    out: str
+    budget: str = "1.7%"
+    strategy: str = "cliff"
+    seed: int = 0
+    score: ScoreSettings = ScoreSettings()
+
+
+def run_nightly(lm: LoadedModel, probe: RefusalProbe, cfg: NightlySettings, fmt: ThinkingFormat,
+                manifest_path: str | None, resolved_settings: dict[str, Any], log: Any = print) -> dict[str, Any]:
+    started = datetime.now(UTC)
+    run_dir = Path(cfg.out) / started.strftime("%Y-%m-%dT%H%M%SZ")
+    suffix = 1
+    while run_dir.exists():  # two runs in one second keep separate folders
+        suffix += 1
+        run_dir = Path(cfg.out) / f"{started.strftime('%Y-%m-%dT%H%M%SZ')}-{suffix}"
+    run_dir.mkdir(parents=True)
+    inputs = []
+    for source in cfg.sources:
+        if not Path(source).exists():
+            raise FileNotFoundError(f"source not found: {source}")
+        inputs.append({"path": source, "sha256": file_sha256(source), "bytes": Path(source).stat().st_size})
+    durations: dict[str, float] = {}
+    per_source: dict[str, dict[str, Any]] = {}
+    with Store(cfg.db) as store:
+        for source in cfg.sources:
+            t0 = time.monotonic()
+            counts: dict[str, int] = {}
+            quarantined: list[QuarantinedRow] = []
+
+            def records(src: str = source, c: dict[str, int] = counts, q: list[QuarantinedRow] = quarantined):
+                for item in iter_jsonl(src, counts=c):
+                    if isinstance(item, QuarantinedRow):
+                        q.append(item)
+                    else:
+                        yield item
+
+            summary = score_records(lm, probe, store, records(), fmt, cfg.score)
+            store.add_quarantine(quarantined, summary.run_id)
+            per_source[source] = {"candidates": summary.n_candidates, "new_examples": summary.n_new_examples,
+                                  "already_scored": summary.n_already_scored, "scored": summary.n_scored,
+                                  "quarantined": len(quarantined) + summary.n_over_context,
+                                  "duplicates": counts.get("duplicates", 0), "run_id": summary.run_id}
+            durations[f"score {source}"] = round(time.monotonic() - t0, 2)
+            log(f"{source}: {per_source[source]}")
+        # The cut-off: this selection reads only rows scored by now, so it can be replayed later.
+        as_of = datetime.now(UTC).replace(tzinfo=None)
+        t0 = time.monotonic()
+        selection = export_selection(store, run_dir / "selection.jsonl", strategy=cfg.strategy, budget_text=cfg.budget,
+                                     seed=cfg.seed, fmt=fmt, model_fingerprint=lm.fingerprint, probe_id=probe.probe_id,
+                                     as_of=as_of)
+        durations["select"] = round(time.monotonic() - t0, 2)
+    resolved = {
+        "manifest": {"path": manifest_path, "sha256": file_sha256(manifest_path) if manifest_path else None},
+        "settings": resolved_settings,
+        "inputs": inputs,
+        "model": {"path": cfg.model, "fingerprint": lm.fingerprint},
+        "probe": {"path": cfg.probe, "probe_id": probe.probe_id},
+        "db": cfg.db,
+        "code": code_version(),
+        "counts": per_source,
+        "durations_s": durations,
+        "selection": {**asdict(selection), "ids": None, "ids_sha256": hashlib.sha256("\n".join(selection.ids).encode()).hexdigest(),
+                      "manifest": str(run_dir / "selection.jsonl.manifest.json")},
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(run_dir / "resolved_manifest.json", resolved)
+    write_json_atomic(Path(cfg.out) / "latest.json", {"run_dir": str(run_dir), "resolved": str(run_dir / "resolved_manifest.json")})
+    return resolved
+
+
+def reproduce(resolved_path: str | Path, out: str | Path, fmt: ThinkingFormat) -> dict[str, Any]:
+    """Re-select a past night's slice from its store and compare it with the original."""
+    resolved = json.loads(Path(resolved_path).read_text())
+    sel = resolved["selection"]
+    as_of = datetime.fromisoformat(sel["as_of"]) if sel.get("as_of") else None
+    with Store(resolved["db"], read_only=True) as store:
+        again = export_selection(store, out, strategy=sel["strategy"], budget_text=sel["budget"], seed=sel["seed"],
+                                 target=sel["target"], fmt=fmt, model_fingerprint=sel["model_fingerprint"],
+                                 probe_id=sel["probe_id"], as_of=as_of)
+    ids_sha = hashlib.sha256("\n".join(again.ids).encode()).hexdigest()
+    return {"identical": again.output_sha256 == sel["output_sha256"] and ids_sha == sel["ids_sha256"],
+            "n_selected": again.n_selected, "original_output_sha256": sel["output_sha256"],
+            "output_sha256": again.output_sha256, "output": str(out)}

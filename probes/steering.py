@@ -1,0 +1,172 @@
+"""Steering a model's residual stream: the hook-level primitives every steering
+attack is built from.
+
+- ``ablate_direction``: project a direction out of the residual stream entering
+  every block and out of every attention and MLP output, so no component can
+  write it back (directional ablation as in the refusal-direction work).
+- ``add_vector``: add ``coefficient · vector`` to the residual stream entering
+  chosen blocks, at every position (activation addition).
+- ``orthogonalized`` / ``orthogonalize_weights``: the same ablation baked into
+  the weights that write to the residual stream (embeddings, attention output
+  projections, MLP and expert down projections), so an edited checkpoint can be
+  exported and loaded with no hooks at all.
+
+All context managers restore the model on exit, exceptions included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from probes.capture import (
+    find_attention,
+    find_attention_output,
+    find_decoder_layers,
+    find_mlp,
+    output_tensor,
+    replace_output_tensor,
+    unwrap_model,
+)
+
+
+def unit(vector: torch.Tensor) -> torch.Tensor:
+    norm = vector.float().norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("a steering direction must be a finite, non-zero vector")
+    return vector.float() / norm
+
+
+def project_out(hidden: torch.Tensor, direction_unit: torch.Tensor) -> torch.Tensor:
+    """``hidden`` minus its component along ``direction_unit`` (computed in float32)."""
+    d = direction_unit.to(hidden.device, torch.float32)
+    h = hidden.float()
+    return (h - (h @ d).unsqueeze(-1) * d).to(hidden.dtype)
+
+
+@contextmanager
+def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
+    """Remove ``direction`` from the residual stream everywhere, for as long as the context lasts."""
+    d = unit(direction)
+    handles = []
+
+    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if args:
+            return (project_out(args[0], d), *args[1:]), kwargs
+        kwargs = dict(kwargs, hidden_states=project_out(kwargs["hidden_states"], d))
+        return args, kwargs
+
+    def out_hook(_module: nn.Module, _args: object, output: object) -> object:
+        return replace_output_tensor(output, project_out(output_tensor(output), d))
+
+    try:
+        for block in find_decoder_layers(model):
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(find_attention(block).register_forward_hook(out_hook))
+            handles.append(find_mlp(block).register_forward_hook(out_hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def add_vector(model: nn.Module, vector: torch.Tensor, layers: Sequence[int], coefficient: float) -> Iterator[None]:
+    """Add ``coefficient · vector`` to the residual stream entering each of ``layers``."""
+    blocks = find_decoder_layers(model)
+    resolved = sorted({layer % len(blocks) for layer in layers})
+    shift = coefficient * vector.float()
+    handles = []
+
+    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            hidden = args[0]
+            return (hidden + shift.to(hidden.device, hidden.dtype), *args[1:]), kwargs
+        hidden = kwargs["hidden_states"]
+        return args, dict(kwargs, hidden_states=hidden + shift.to(hidden.device, hidden.dtype))
+
+    try:
+        for index in resolved:
+            handles.append(blocks[index].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _residual_writers(model: nn.Module) -> list[tuple[nn.Parameter, str]]:
+    """Every weight that writes into the residual stream, with how its hidden axis lies:
+    ``"row"`` (embedding: hidden is the last axis) or ``"out"`` (hidden is the output axis)."""
+    base = unwrap_model(model)
+    writers: list[tuple[nn.Parameter, str]] = [(base.get_input_embeddings().weight, "row")]
+    for block in find_decoder_layers(model):
+        proj = find_attention_output(block)
+        writers.append((proj.weight, "out"))
+        if proj.bias is not None:
+            writers.append((proj.bias, "row"))
+        mlp = find_mlp(block)
+        for name, param in mlp.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("down_proj", "w2", "fc2", "c_proj") or name.endswith(("down_proj.weight", "w2.weight", "fc2.weight")):
+                writers.append((param, "out"))
+    return writers
+
+
+def _orthogonalize_(param: torch.Tensor, d: torch.Tensor, layout: str) -> None:
+    d = d.to(param.device, torch.float32)
+    w = param.data.float()
+    if layout == "row":  # [..., hidden]
+        w = w - (w @ d).unsqueeze(-1) * d
+    elif w.dim() == 2:  # nn.Linear weight [hidden, in]
+        w = w - torch.outer(d, d @ w)
+    else:  # fused experts [n_experts, hidden, in]
+        w = w - d.view(1, -1, 1) * torch.einsum("h,ehi->ei", d, w).unsqueeze(1)
+    param.data.copy_(w.to(param.dtype))
+
+
+def _untie_output_embeddings(model: nn.Module) -> tuple[nn.Module, nn.Parameter] | None:
+    """Give the LM head its own copy of tied embeddings (editing the input
+    embeddings must not edit the unembedding). Returns what to restore."""
+    base = unwrap_model(model)
+    head = base.get_output_embeddings()
+    if head is None or head.weight is not base.get_input_embeddings().weight:
+        return None
+    original = head.weight
+    head.weight = nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
+    return head, original
+
+
+def orthogonalize_weights(model: nn.Module, direction: torch.Tensor) -> None:
+    """Permanently edit the weights so no component writes ``direction`` into the
+    residual stream (for export). Tied embeddings are untied first."""
+    d = unit(direction)
+    if _untie_output_embeddings(model) is not None:
+        unwrap_model(model).config.tie_word_embeddings = False
+    with torch.no_grad():
+        for param, layout in _residual_writers(model):
+            _orthogonalize_(param, d, layout)
+
+
+@contextmanager
+def orthogonalized(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
+    """``orthogonalize_weights`` for the duration of the context; the original
+    weights (a copy of each edited tensor) are put back on exit."""
+    d = unit(direction)
+    writers = _residual_writers(model)
+    saved = [param.data.clone() for param, _ in writers]
+    untied = _untie_output_embeddings(model)
+    try:
+        with torch.no_grad():
+            for param, layout in writers:
+                _orthogonalize_(param, d, layout)
+        yield
+    finally:
+        with torch.no_grad():
+            for (param, _), original in zip(writers, saved, strict=True):
+                param.data.copy_(original)
+        if untied is not None:
+            head, weight = untied
+            head.weight = weight
