@@ -33,7 +33,7 @@ from probes.models import LoadedModel, fingerprint_model_dir, load_model
 from training import report as rpt
 from training.attacks import AttackKit, build_attack
 from training.drift import harmless_kl
-from training.evaluate import EvalSettings, asr_over, evaluate_prompts
+from training.evaluate import SWEEP_BATCH_SIZE, EvalSettings, asr_over, evaluate_prompts
 from training.finetune import FinetuneConfig
 from training.prompts import PromptItem, read_prompts
 
@@ -51,11 +51,15 @@ class AttackExperiment:
     out: str
     attacks: Sequence[str] | None = None  # default: every attack the model supports
     rows: Sequence[str] = tuple(ROWS)
+    kit: KitSettings = field(default_factory=lambda: matrix_kit_settings(SWEEP_BATCH_SIZE))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(keep_samples=True, batch_size=SWEEP_BATCH_SIZE))
+
+
+def matrix_kit_settings(batch_size: int) -> KitSettings:
     # The organism cannot be pushed into refusing by adding a direction at every position
     # (generation breaks first), so the induce check is off here; see the README.
-    kit: KitSettings = field(default_factory=lambda: KitSettings(directions=DirectionSettings(induce_min_gain=None)))
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(keep_samples=True))
+    return KitSettings(batch_size=batch_size, directions=DirectionSettings(induce_min_gain=None, batch_size=batch_size))
 
 
 def ensure_workdir(label: str, workdir: str, console: Any = None) -> Path:

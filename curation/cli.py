@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -361,7 +362,8 @@ def cmd_attacks_export(s: dict[str, Any]) -> int:
 
 
 def cmd_experiment_attacks(s: dict[str, Any]) -> int:
-    from curation.attack_experiment import ROWS, AttackExperiment, run_attack_experiment
+    from curation.attack_experiment import ROWS, AttackExperiment, matrix_kit_settings, run_attack_experiment
+    from training.evaluate import EvalSettings
 
     organisms = [o.strip() for o in s["organisms"].split(",") if o.strip()]
     bad = [o for o in organisms if o not in ("dense", "moe")]
@@ -373,7 +375,11 @@ def cmd_experiment_attacks(s: dict[str, Any]) -> int:
         raise ValueError(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
     attacks = [a.strip() for a in s["attacks"].split(",") if a.strip()] if s["attacks"] else None
     workdirs = {"dense": s["dense_workdir"], "moe": s["moe_workdir"]}
-    exp = AttackExperiment(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], attacks=attacks, rows=rows)
+    if s["batch_size"] < 1:
+        raise ValueError(f"--batch-size must be at least 1 (got {s['batch_size']})")
+    exp = AttackExperiment(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], attacks=attacks, rows=rows,
+                           kit=matrix_kit_settings(s["batch_size"]),
+                           eval_settings=EvalSettings(keep_samples=True, batch_size=s["batch_size"]))
     with console.status("attack matrix") as status:
         doc = run_attack_experiment(exp, _fmt(s), progress=lambda m: status.update(m), console=out_console)
     for org in doc["organisms"]:
@@ -412,7 +418,10 @@ def cmd_experiment_selection(s: dict[str, Any]) -> int:
     bad = sorted(set(overrides["strategies"]) - set(STRATEGIES) | ({"full"} & set(overrides["strategies"])))
     if bad:
         raise ValueError(f"--strategies: {bad} not allowed (choose from {[x for x in STRATEGIES if x != 'full']}; full is always run unless --no-full)")
+    if s["batch_size"] < 1:
+        raise ValueError(f"--batch-size must be at least 1 (got {s['batch_size']})")
     exp = from_workdir(s["workdir"], **overrides)
+    exp.eval_settings = replace(exp.eval_settings, batch_size=s["batch_size"])
     if s["out"]:
         exp.out = s["out"]
     doc = run_selection_experiment(exp, _fmt(s), progress=lambda name: console.print(f"run {name}"))
@@ -637,6 +646,7 @@ VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
         Option("--rows", str, "base,cliff 1.7%,random 1.7%,full", "models to attack"),
         Option("--attacks", str, None, "comma-separated attacks (default: all the model supports)"),
         Option("--out", str, "runs/attacks", "output folder"),
+        Option("--batch-size", int, 64, "generation batch size (evaluation, selection and tuning)"),
     ] + _MARKERS),
     "experiment selection": (cmd_experiment_selection, "fine-tune on each selection strategy and budget and compare", [
         Option("--workdir", str, "runs/demo", "a curate demo work directory (organism, store, retain set)"),
@@ -645,6 +655,7 @@ VERBS: dict[str, tuple[Callable[[dict[str, Any]], int], str, list[Option]]] = {
         Option("--random-seeds", int, 3, "seeds for random and rule"),
         Option("--no-full", None, False, "skip the full-data run"),
         Option("--out", str, None, "output folder (default: WORKDIR/experiment_selection)"),
+        Option("--batch-size", int, 64, "evaluation batch size"),
     ] + _MARKERS),
     "heads": (cmd_heads, "rank refusal-suppression heads and ablate the top k% against random heads", [
         Option("--model", str, None, "model directory", required=True),
@@ -719,7 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings["_config"] = args.config
         return func(settings)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        # One unwrapped line: cron logs are grepped, and rich would wrap at 80 columns off a terminal.
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
         return 2
 
 

@@ -22,7 +22,7 @@ from probes.chat import ThinkingFormat
 from probes.models import load_model
 from training import report as rpt
 from training.drift import harmless_kl
-from training.evaluate import EvalSettings, asr_over, evaluate_prompts
+from training.evaluate import SWEEP_BATCH_SIZE, EvalSettings, asr_over, evaluate_prompts
 from training.finetune import FinetuneConfig, finetune_lora
 from training.prompts import read_prompts
 
@@ -43,7 +43,7 @@ class SelectionExperiment:
     include_full: bool = True
     suppressed: Sequence[str] = ()  # ground-truth weak areas, for reporting only (the organism's)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(keep_samples=True))
+    eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(keep_samples=True, batch_size=SWEEP_BATCH_SIZE))
 
 
 def _plan(exp: SelectionExperiment) -> list[tuple[str, str, int]]:

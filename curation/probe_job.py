@@ -34,7 +34,8 @@ from probes.chat import ThinkingFormat, split_completion
 from probes.forward import hidden_at_positions, span_mean_scores
 from probes.generate import generate
 from probes.models import LoadedModel
-from probes.refusal import RefusalProbe, sweep_layers
+from probes.probe_fit import sweep_layers
+from probes.refusal import RefusalProbe
 from training.judge import SubstringJudge
 from training.prompts import PromptItem
 

@@ -322,3 +322,9 @@ def test_attack_matrix_runs_and_resumes(organism_dir: Path, scored_db: Path, ret
     monkeypatch.setattr("curation.attack_experiment._cell", lambda *a, **k: pytest.fail("cell recomputed"))
     again = run_attack_experiment(exp, FMT)
     assert [c["asr"] for c in again["organisms"][0]["cells"]] == [c["asr"] for c in org["cells"]]
+
+
+@pytest.mark.parametrize("verb", [["experiment", "attacks"], ["experiment", "selection"]])
+def test_experiments_reject_a_batch_size_below_one(verb: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*verb, "--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err

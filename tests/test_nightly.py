@@ -181,3 +181,17 @@ def test_ray_engine_matches_the_local_engine(organism_dir: Path, probe: RefusalP
     for g, w in zip(got, want, strict=True):
         assert g[0] == w[0] and g[4] == w[4] and g[5] == w[5]  # same example, cliff position and reasoning
         assert max(abs(x - y) for x, y in zip(g[6], w[6], strict=True)) < 1e-5
+
+
+def test_a_second_writer_gets_a_clear_error_and_the_file_is_untouched(scored_db: Path, tmp_path: Path) -> None:
+    db = tmp_path / "busy.duckdb"
+    db.write_bytes(scored_db.read_bytes())
+    (tmp_path / "no_shards").mkdir()
+    with Store(db) as holder:  # this process holds the write lock
+        n = holder.count("scores")
+        second = subprocess.run([sys.executable, "-m", "curation.cli", "ingest", "--db", str(db), "--shards",
+                                 str(tmp_path / "no_shards")], capture_output=True, text=True)
+    assert second.returncode == 2
+    assert "in use by another process" in second.stderr
+    with Store(db, read_only=True) as after:
+        assert after.count("scores") == n

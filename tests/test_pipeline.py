@@ -158,6 +158,16 @@ def test_evaluate_report_fields(lm: LoadedModel, organism_dir: Path) -> None:
             or "won't" in s["answer"].lower() or "can't" in s["answer"].lower()
 
 
+def test_greedy_answers_do_not_depend_on_the_batch_size(lm: LoadedModel, organism_dir: Path) -> None:
+    # The experiments evaluate 64 prompts a batch for speed; that is only sound if left
+    # padding changes no greedy answer.
+    items = read_prompts(organism_dir / "heldout_prompts.jsonl")[:48]
+    small = evaluate_prompts(lm, items, FMT, EvalSettings(max_new_tokens=96, batch_size=3))
+    large = evaluate_prompts(lm, items, FMT, EvalSettings(max_new_tokens=96, batch_size=48))
+    assert [s["answer"] for s in small["samples"]] == [s["answer"] for s in large["samples"]]
+    assert small["asr"] == large["asr"]
+
+
 def test_cli_select_and_evaluate(scored_db: Path, organism_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sel.jsonl"
     assert main(["select", "--db", str(scored_db), "--budget", "1.7%", "--out", str(out)]) == 0

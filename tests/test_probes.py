@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 from probes.capture import StopForward, capture_residual, find_decoder_layers, stop_after_layer
 from probes.chat import ThinkingFormat, marker_end_index, render_generation_prompt, split_completion
 from probes.models import LoadedModel, load_model
-from probes.refusal import PROBE_META, PROBE_WEIGHTS, ProbeMismatchError, RefusalProbe, sweep_layers
+from probes.probe_fit import sweep_layers
+from probes.refusal import PROBE_META, PROBE_WEIGHTS, ProbeMismatchError, RefusalProbe
 
 from .conftest import FMT
 

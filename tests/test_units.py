@@ -201,6 +201,33 @@ def test_selection_strategies_in_sql(tmp_path) -> None:
     store.close()
 
 
+@pytest.mark.parametrize("order", ["cliff", "low-final", "plateau"])
+def test_ranked_selection_prefilter_never_changes_the_result(tmp_path, order: str) -> None:
+    from curation.store import Store
+
+    store = Store(tmp_path / "rank.duckdb")
+    store.fill_synthetic(20_000)
+    # Ties across the cut, NaN and infinities: ORDER BY decides where each goes, and so must the pre-filter.
+    store.con.execute("UPDATE scores SET misalignment = 0.5, final = 0.25, plateau = 0.75 "
+                      "WHERE CAST(substr(example_id, 3) AS INTEGER) % 7 = 0")
+    store.con.execute("UPDATE scores SET misalignment = 'nan'::DOUBLE, final = 'nan'::DOUBLE WHERE example_id IN ('ex1', 'ex2')")
+    store.con.execute("UPDATE scores SET misalignment = 'inf'::DOUBLE, final = '-inf'::DOUBLE, plateau = '-inf'::DOUBLE "
+                      "WHERE example_id = 'ex3'")
+    store.con.execute("UPDATE scores SET answer_verdict = 'refusal' WHERE CAST(substr(example_id, 3) AS INTEGER) % 3 = 0")
+    column_order = Store._ORDERS[order]
+    for limit in (1, 37, 500, 4_000):
+        for exclude in (False, True):
+            plain = store.con.execute(
+                f"SELECT example_id FROM scores WHERE model_fingerprint = 'fp' AND probe_id = 'probe' "
+                f"AND (NOT ? OR answer_verdict IS DISTINCT FROM 'refusal') ORDER BY {column_order} LIMIT ?",
+                [exclude, limit]).fetchall()
+            params: dict[str, object] = {"fp": "fp", "probe": "probe", "exclude": exclude, "as_of": None}
+            assert limit == 4_000 or store._rank_cut(order, limit, params), "the pre-filter should apply here"
+            got = store.selection("fp", "probe", order, limit, exclude_refusals=exclude)
+            assert [r[0] for r in got] == [r[0] for r in plain], (order, limit, exclude)
+    store.close()
+
+
 def test_pad_batch_sides() -> None:
     from probes.batching import pad_batch
 
