@@ -29,6 +29,7 @@ from curation.demo import DemoConfig, run_demo
 from curation.experiment import finetune_on_selection, run_name
 from probes.chat import ThinkingFormat
 from probes.directions import DirectionSettings
+from probes.files import write_json_atomic
 from probes.models import LoadedModel, fingerprint_model_dir, load_model
 from training import report as rpt
 from training.attacks import AttackKit, build_attack
@@ -155,7 +156,7 @@ def run_organism(label: str, root: Path, exp: AttackExperiment, fmt: ThinkingFor
                 if progress is not None:
                     progress(f"{label} {row}: {attack_name}")
                 cell = {"row": row, **_cell(lm, kit, attack_name, prompts, fmt, base_drift, exp.eval_settings, suppressed)}
-                rpt.write_json_atomic(path, cell)
+                write_json_atomic(path, cell)
             cells.append(cell)
         del lm
     return {"organism": label, "workdir": str(root), "suppressed": sorted(suppressed), "cells": cells,
@@ -179,7 +180,7 @@ def run_attack_experiment(exp: AttackExperiment, fmt: ThinkingFormat, progress: 
         organisms.append(run_organism(label, root, exp, fmt, progress))
     doc = {"organisms": organisms, "rows": list(exp.rows), "seconds": round(time.monotonic() - started, 1)}
     out = Path(exp.out)
-    rpt.write_json_atomic(out / "attacks_experiment.json", doc)
+    write_json_atomic(out / "attacks_experiment.json", doc)
     write_attacks_html(out / "attacks_experiment.html", doc)
     return doc
 

@@ -287,9 +287,9 @@ def cmd_finetune(s: dict[str, Any]) -> int:
 
 
 def cmd_evaluate(s: dict[str, Any]) -> int:
+    from probes.files import write_json_atomic
     from training.evaluate import EvalSettings, evaluate_prompts
     from training.prompts import PromptItem, read_prompts
-    from training.report import write_json_atomic
 
     items = read_prompts(s["prompts"])
     lm = _load(s, adapter=s["adapter"])
@@ -361,9 +361,14 @@ def cmd_attacks_export(s: dict[str, Any]) -> int:
     return 0
 
 
+def _at_least_one(s: dict[str, Any], name: str) -> int:
+    if s[name] < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {s[name]})")
+    return int(s[name])
+
+
 def cmd_experiment_attacks(s: dict[str, Any]) -> int:
     from curation.attack_experiment import ROWS, AttackExperiment, matrix_kit_settings, run_attack_experiment
-    from training.evaluate import EvalSettings
 
     organisms = [o.strip() for o in s["organisms"].split(",") if o.strip()]
     bad = [o for o in organisms if o not in ("dense", "moe")]
@@ -375,11 +380,10 @@ def cmd_experiment_attacks(s: dict[str, Any]) -> int:
         raise ValueError(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
     attacks = [a.strip() for a in s["attacks"].split(",") if a.strip()] if s["attacks"] else None
     workdirs = {"dense": s["dense_workdir"], "moe": s["moe_workdir"]}
-    if s["batch_size"] < 1:
-        raise ValueError(f"--batch-size must be at least 1 (got {s['batch_size']})")
+    batch_size = _at_least_one(s, "batch_size")
     exp = AttackExperiment(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], attacks=attacks, rows=rows,
-                           kit=matrix_kit_settings(s["batch_size"]),
-                           eval_settings=EvalSettings(keep_samples=True, batch_size=s["batch_size"]))
+                           kit=matrix_kit_settings(batch_size))
+    exp.eval_settings = replace(exp.eval_settings, batch_size=batch_size)
     with console.status("attack matrix") as status:
         doc = run_attack_experiment(exp, _fmt(s), progress=lambda m: status.update(m), console=out_console)
     for org in doc["organisms"]:
@@ -418,10 +422,9 @@ def cmd_experiment_selection(s: dict[str, Any]) -> int:
     bad = sorted(set(overrides["strategies"]) - set(STRATEGIES) | ({"full"} & set(overrides["strategies"])))
     if bad:
         raise ValueError(f"--strategies: {bad} not allowed (choose from {[x for x in STRATEGIES if x != 'full']}; full is always run unless --no-full)")
-    if s["batch_size"] < 1:
-        raise ValueError(f"--batch-size must be at least 1 (got {s['batch_size']})")
+    batch_size = _at_least_one(s, "batch_size")
     exp = from_workdir(s["workdir"], **overrides)
-    exp.eval_settings = replace(exp.eval_settings, batch_size=s["batch_size"])
+    exp.eval_settings = replace(exp.eval_settings, batch_size=batch_size)
     if s["out"]:
         exp.out = s["out"]
     doc = run_selection_experiment(exp, _fmt(s), progress=lambda name: console.print(f"run {name}"))
@@ -477,7 +480,7 @@ def cmd_heads(s: dict[str, Any]) -> int:
 
 def cmd_bench(s: dict[str, Any]) -> int:
     from curation.bench import run_scoring_bench, run_select_bench
-    from training.report import write_json_atomic
+    from probes.files import write_json_atomic
 
     if s["select"]:
         result = run_select_bench(s["rows"], s["budget"])

@@ -29,6 +29,7 @@ from curation.select import export_selection
 from curation.sources import read_jsonl
 from curation.store import Store
 from probes.chat import ThinkingFormat, build_completion
+from probes.files import write_json_atomic
 from probes.models import load_model
 from training import report as rpt
 from training.evaluate import EvalSettings, asr_over, evaluate_prompts
@@ -160,7 +161,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
 
     with stages.stage("evaluate before", total=len(heldout)) as advance:
         before = evaluate_prompts(lm, heldout, fmt, EvalSettings(), progress=advance)
-    rpt.write_json_atomic(root / "eval_before.json", before)
+    write_json_atomic(root / "eval_before.json", before)
     del lm
 
     adapter = root / "adapter"
@@ -170,7 +171,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     tuned = load_model(org_dir, adapter=adapter)
     with stages.stage("evaluate after", total=len(heldout)) as advance:
         after = evaluate_prompts(tuned, heldout, fmt, EvalSettings(), progress=advance)
-    rpt.write_json_atomic(root / "eval_after.json", after)
+    write_json_atomic(root / "eval_after.json", after)
 
     result = _assemble_report(cfg, root, organism_meta, suppressed, probe, probe_report, summary, manifest,
                               selected_categories, n_pool_written, n_retain, ft_summary, before, after,
@@ -230,7 +231,7 @@ def _assemble_report(cfg, root, organism_meta, suppressed, probe, probe_report, 
         result["selection"]["pool_share_suppressed"] = store.category_share(
             manifest.model_fingerprint, manifest.probe_id, sorted(suppressed)
         )
-    rpt.write_json_atomic(root / "report.json", result)
+    write_json_atomic(root / "report.json", result)
     return result
 
 

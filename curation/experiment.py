@@ -19,6 +19,7 @@ from typing import Any
 from curation.select import SelectionManifest, export_selection
 from curation.store import Store
 from probes.chat import ThinkingFormat
+from probes.files import write_json_atomic
 from probes.models import load_model
 from training import report as rpt
 from training.drift import harmless_kl
@@ -131,13 +132,13 @@ def run_selection_experiment(
             "kl_harmless": harmless_kl(base, tuned, drift_pairs, fmt) if drift_pairs else None,
             **_metrics(result, suppressed),
         }
-        rpt.write_json_atomic(done, row)
+        write_json_atomic(done, row)
         rows.append(row)
         del tuned
     summary = _summarise(rows)
     result_doc = {"experiment": {k: v for k, v in asdict(exp).items() if k not in ("eval_settings",)},
                   "rows": rows, "summary": summary}
-    rpt.write_json_atomic(out / "selection_experiment.json", result_doc)
+    write_json_atomic(out / "selection_experiment.json", result_doc)
     _write_html(out, result_doc, bool(suppressed))
     return result_doc
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from probes.capture import attention_head_layout, num_layers
 from probes.chat import ThinkingFormat
+from probes.files import write_json_atomic
 from probes.generate import generate
 from probes.heads import Head, head_contributions, rank_heads, scale_heads, scale_heads_in_weights
 from probes.models import LoadedModel, load_model, model_hidden_size
@@ -97,7 +98,7 @@ def run_heads(
         "base": {"asr": base["asr"], "over_refusal": base["over_refusal"]},
         "sweep": sweep,
     }
-    rpt.write_json_atomic(out / "heads.json", doc)
+    write_json_atomic(out / "heads.json", doc)
     _write_html(out, doc, contributions)
     return doc
 

@@ -26,9 +26,9 @@ from curation.select import export_selection
 from curation.sources import QuarantinedRow, iter_jsonl
 from curation.store import Store
 from probes.chat import ThinkingFormat
+from probes.files import write_json_atomic
 from probes.models import LoadedModel
 from probes.refusal import RefusalProbe
-from training.report import write_json_atomic
 
 _PACKAGES = ("curation", "probes", "training")
 

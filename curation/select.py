@@ -4,7 +4,6 @@ training pairs with a manifest that says exactly how it was made."""
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ import orjson
 from curation.sources import split_response
 from curation.store import Store
 from probes.chat import ThinkingFormat
+from probes.files import write_json_atomic
 
 # cliff: top MS. random: seeded sample. full: everything. Baselines from the
 # source paper: low-final (lowest final score I′ only: what its public ranking
@@ -202,9 +202,7 @@ def export_selection(
         as_of=as_of.isoformat() if as_of is not None else None,
     )
     manifest_path = manifest_path_for(out)
-    tmp_manifest = manifest_path.with_name(manifest_path.name + f".tmp{os.getpid()}")
-    tmp_manifest.write_text(json.dumps(asdict(manifest), indent=2))
-    os.replace(tmp_manifest, manifest_path)
+    write_json_atomic(manifest_path, asdict(manifest))
     return manifest
 
 

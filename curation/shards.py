@@ -26,6 +26,7 @@ import polars as pl
 
 from curation.sources import CandidateRecord, QuarantinedRow
 from curation.store import ScoreRow, Store
+from probes.files import write_json_atomic
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 
@@ -75,14 +76,14 @@ class ParquetShardSink:
     # The store's interface, as score_records uses it.
     def start_run(self, run_id: str, kind: str, params: dict[str, Any], model_fingerprint: str | None = None,
                   probe_id: str | None = None) -> None:
-        self._write_json(f"run-{run_id}.json", {"run_id": run_id, "kind": kind, "params": params, "status": "running",
+        write_json_atomic(self.dir / f"run-{run_id}.json", {"run_id": run_id, "kind": kind, "params": params, "status": "running",
                                                 "model_fingerprint": model_fingerprint, "probe_id": probe_id,
                                                 "shard": self.shard.name, "started_at": _now().isoformat()})
 
     def finish_run(self, run_id: str, counts: dict[str, Any], status: str = "done") -> None:
         meta = json.loads((self.dir / f"run-{run_id}.json").read_text())
         meta.update(counts=counts, status=status, finished_at=_now().isoformat())
-        self._write_json(f"run-{run_id}.json", meta)
+        write_json_atomic(self.dir / f"run-{run_id}.json", meta)
 
     def add_examples(self, records: Sequence[CandidateRecord]) -> int:
         self._pending = {r.id: r for r in records}
@@ -124,11 +125,6 @@ class ParquetShardSink:
         tmp = self.dir / f".{stem}.parquet.tmp"
         frame.write_parquet(tmp)
         os.replace(tmp, self.dir / f"{stem}.parquet")
-
-    def _write_json(self, name: str, obj: dict[str, Any]) -> None:
-        tmp = self.dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, self.dir / name)
 
 
 def _file_digest(path: Path) -> str:

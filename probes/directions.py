@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from probes.batching import pad_batch
 from probes.capture import capture_block_inputs, num_layers
 from probes.chat import ThinkingFormat, post_instruction_length, render_generation_prompt, split_completion
+from probes.files import write_json_atomic
 from probes.generate import generate
 from probes.models import LoadedModel, model_hidden_size
 from probes.refusal import ProbeMismatchError
@@ -158,9 +159,7 @@ class RefusalDirection:
             tensors["all_vectors"] = self.all_vectors.contiguous().float()
         save_file(tensors, str(out / "direction.safetensors"))
         meta = {k: v for k, v in asdict(self).items() if k not in ("vector", "all_vectors")}
-        tmp = out / "direction.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(out / "direction.json")
+        write_json_atomic(out / "direction.json", meta)
         return out
 
     @classmethod

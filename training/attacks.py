@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from probes.directions import RefusalDirection
 from probes.experts import ExpertKey, find_moe_layers, scale_expert_routing, shift_expert_outputs
+from probes.files import write_json_atomic
 from probes.models import LoadedModel
 from probes.refusal import ProbeMismatchError
 from probes.steering import ablate_direction, add_vector, orthogonalized
@@ -92,9 +93,7 @@ class AttackKit:
         save_file(tensors, str(out / "vectors.safetensors"))
         meta = {"model_fingerprint": self.model_fingerprint, "moe_layers": self.moe_layers,
                 "benign": sorted(self.benign), "strengths": self.strengths, "validation": self.validation}
-        tmp = out / "kit.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(out / "kit.json")  # written last: a kit without kit.json is incomplete
+        write_json_atomic(out / "kit.json", meta)  # written last: a kit without kit.json is incomplete
         return out
 
     @classmethod

@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from probes.cliff import smooth  # noqa: E402
+from probes.files import write_text_atomic  # noqa: E402
 
 
 def png_base64(fig: Any) -> str:
@@ -114,13 +113,6 @@ def _fmt(value: object) -> str:
     return "—" if value is None else str(value)
 
 
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def write_html_report(
     path: str | Path,
     title: str,
@@ -134,9 +126,7 @@ def write_html_report(
     )
     body = "".join(f"<h2>{html.escape(h)}</h2>{inner}" for h, inner in sections)
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
-    tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, page)
 
 
 def img(encoded_png: str, alt: str) -> str:
