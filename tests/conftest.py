@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from curation.demo import write_candidate_pool
-from curation.probe_job import ProbeTrainSettings, train_probe_for_model
-from curation.score import ScoreSettings, score_records
-from curation.sources import read_jsonl
-from curation.store import Store
+from curation.experiments.demo import write_candidate_pool
+from curation.pipeline.probe_job import ProbeTrainSettings, train_probe_for_model
+from curation.pipeline.score import ScoreSettings, score_records
+from curation.pipeline.sources import read_jsonl
+from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
 from probes.models import LoadedModel, load_model
 from probes.refusal import RefusalProbe

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from curation.attack_experiment import AttackExperiment, run_attack_experiment
-from curation.attack_kit import KitSettings, prepare_attack_kit
-from curation.cli import main
+from curation.cli.main import main
+from curation.experiments.attack_kit import KitSettings, prepare_attack_kit
+from curation.experiments.attacks import AttackExperiment, run_attack_experiment
 from probes.capture import capture_block_inputs, capture_residual, find_decoder_layers
 from probes.directions import DirectionSettings, RefusalDirection
 from probes.experts import (
@@ -319,7 +319,7 @@ def test_attack_matrix_runs_and_resumes(organism_dir: Path, scored_db: Path, ret
     assert next(c for c in org["cells"] if c["attack"] == "none")["kl_harmless"] == pytest.approx(0.0, abs=1e-6)
     assert (tmp_path / "attacks" / "attacks_experiment.html").read_text().count("data:image/png;base64") == 1
     # A rerun reuses every finished cell instead of evaluating again.
-    monkeypatch.setattr("curation.attack_experiment._cell", lambda *a, **k: pytest.fail("cell recomputed"))
+    monkeypatch.setattr("curation.experiments.attacks._cell", lambda *a, **k: pytest.fail("cell recomputed"))
     again = run_attack_experiment(exp, FMT)
     assert [c["asr"] for c in again["organisms"][0]["cells"]] == [c["asr"] for c in org["cells"]]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curation.bench import compare, run_scoring_bench, run_select_bench
+from curation.experiments.bench import compare, run_scoring_bench, run_select_bench
 from probes.refusal import RefusalProbe
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from curation.demo import DemoConfig, run_demo
+from curation.experiments.demo import DemoConfig, run_demo
 
 
 def test_demo_writes_the_report_contract(organism_dir: Path, tmp_path: Path) -> None:

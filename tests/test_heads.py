@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from curation.heads_job import HeadsSettings, export_scaled_model, run_heads
+from curation.experiments.heads import HeadsSettings, export_scaled_model, run_heads
 from probes.capture import attention_head_layout, find_attention_output, find_decoder_layers
 from probes.heads import head_contributions, rank_heads, scale_heads
 from probes.models import LoadedModel, load_model

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from curation.cli import VERBS, build_parser
-from curation.config import load_config_file, resolve
-from curation.manifest import thinking_format, validate_manifest
+from curation.cli.main import build_parser
+from curation.cli.options import load_config_file, resolve
+from curation.cli.recipes import thinking_format, validate_manifest
+from curation.cli.registry import VERBS
 from probes.chat import render_generation_prompt
 from probes.models import LoadedModel
 
@@ -41,8 +42,8 @@ def test_manifest_validates_and_resolves_for_each_verb(path: Path) -> None:
     assert manifest.recipe.name == path.stem
     parser = build_parser()
     values = load_config_file(path)
-    for verb, (_, _, options) in VERBS.items():
-        section = verb.replace(" ", "_")
+    for verb, declared in VERBS.items():
+        options, section = declared.options, declared.section
         if section not in raw:
             continue
         args = parser.parse_args([*verb.split(), *_required_flags(options)])

@@ -15,10 +15,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from curation.cli import main
-from curation.score import ScoreSettings, score_records
-from curation.sources import iter_jsonl
-from curation.store import Store
+from curation.cli.main import main
+from curation.pipeline.score import ScoreSettings, score_records
+from curation.pipeline.sources import iter_jsonl
+from curation.pipeline.store import Store
 from probes.models import LoadedModel
 from probes.refusal import RefusalProbe
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from curation.cli import main
-from curation.score import ScoreSettings, score_records
-from curation.select import BudgetError, export_selection, manifest_path_for
-from curation.sources import read_jsonl, split_response
-from curation.store import Store
+from curation.cli.main import main
+from curation.pipeline.score import ScoreSettings, score_records
+from curation.pipeline.select import BudgetError, export_selection, manifest_path_for
+from curation.pipeline.sources import read_jsonl, split_response
+from curation.pipeline.store import Store
 from probes.models import LoadedModel, load_model
 from probes.refusal import RefusalProbe
 from training.evaluate import EvalSettings, evaluate_prompts
@@ -199,7 +199,7 @@ def test_rule_and_score_only_strategies(scored_db: Path, tmp_path: Path) -> None
 def test_selection_experiment_runs_every_strategy_and_resumes(
     organism_dir: Path, scored_db: Path, retain_file: Path, tmp_path: Path
 ) -> None:
-    from curation.experiment import SelectionExperiment, run_selection_experiment
+    from curation.experiments.selection import SelectionExperiment, run_selection_experiment
 
     exp = SelectionExperiment(
         model=str(organism_dir), db=str(scored_db), retain=str(retain_file),

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from curation.config import Option, add_options, resolve
-from curation.select import BudgetError, parse_budget
-from curation.sources import content_id, read_jsonl, split_response
+from curation.cli.options import Option, add_options, resolve
+from curation.pipeline.select import BudgetError, parse_budget
+from curation.pipeline.sources import content_id, read_jsonl, split_response
 from probes.chat import ThinkingFormat
 from probes.cliff import cliff_metrics, smooth
 from training.judge import SubstringJudge
@@ -161,8 +161,8 @@ def test_substring_judge() -> None:
 
 
 def _synthetic_store(path, n: int = 200):
-    from curation.sources import CandidateRecord
-    from curation.store import ScoreRow, Store
+    from curation.pipeline.sources import CandidateRecord
+    from curation.pipeline.store import ScoreRow, Store
     from probes.cliff import CliffMetrics
 
     rng = np.random.default_rng(0)
@@ -180,7 +180,7 @@ def _synthetic_store(path, n: int = 200):
 
 
 def test_selection_strategies_in_sql(tmp_path) -> None:
-    from curation.select import export_selection, select_ids
+    from curation.pipeline.select import export_selection, select_ids
 
     store = _synthetic_store(tmp_path / "s.duckdb")
     ms = dict(store.con.execute("SELECT example_id, misalignment FROM scores").fetchall())
@@ -203,7 +203,7 @@ def test_selection_strategies_in_sql(tmp_path) -> None:
 
 @pytest.mark.parametrize("order", ["cliff", "low-final", "plateau"])
 def test_ranked_selection_prefilter_never_changes_the_result(tmp_path, order: str) -> None:
-    from curation.store import Store
+    from curation.pipeline.store import Store
 
     store = Store(tmp_path / "rank.duckdb")
     store.fill_synthetic(20_000)

@@ -153,7 +153,7 @@ def _run_side(args: dict[str, Any]) -> dict[str, Any]:
         spec = Path(tmp) / "args.json"
         out = Path(tmp) / "out.json"
         spec.write_text(json.dumps(args))
-        code = "import json,sys; from curation.bench import worker; a=json.load(open(sys.argv[1])); json.dump(worker(a), open(sys.argv[2],'w'))"
+        code = "import json,sys; from curation.experiments.bench import worker; a=json.load(open(sys.argv[1])); json.dump(worker(a), open(sys.argv[2],'w'))"
         subprocess.run([sys.executable, "-c", code, str(spec), str(out)], check=True)
         return json.loads(out.read_text())
 
@@ -216,8 +216,8 @@ def run_scoring_bench(model: str, probe: str, prompts: str, *, n: int, max_new_t
 
 def run_select_bench(rows: int, budget: str = "1.7%") -> dict[str, Any]:
     """Fill a store with synthetic score rows and time a cliff selection and export."""
-    from curation.select import export_selection
-    from curation.store import Store
+    from curation.pipeline.select import export_selection
+    from curation.pipeline.store import Store
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

@@ -23,11 +23,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from curation.probe_job import ProbeTrainSettings, train_probe_for_model
-from curation.score import ScoreSettings, score_records
-from curation.select import export_selection
-from curation.sources import read_jsonl
-from curation.store import Store
+from curation.pipeline.probe_job import ProbeTrainSettings, train_probe_for_model
+from curation.pipeline.score import ScoreSettings, score_records
+from curation.pipeline.select import export_selection
+from curation.pipeline.sources import read_jsonl
+from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat, build_completion
 from probes.files import write_json_atomic
 from probes.models import load_model

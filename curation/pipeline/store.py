@@ -1,5 +1,8 @@
 """The DuckDB store: its schema and every SQL statement (parameterised only).
 
+Over 300 lines because it is the one module that holds SQL: a review of what
+reaches the database (parameters only, never formatted values) reads one file.
+
 Score rows are keyed by (example_id, model_fingerprint, probe_id) and written
 with ``INSERT OR IGNORE`` inside one transaction per batch, so rescoring is a
 no-op and a killed job leaves only whole batches behind.
@@ -16,7 +19,7 @@ from typing import Any
 
 import duckdb
 
-from curation.sources import CandidateRecord, QuarantinedRow
+from curation.pipeline.sources import CandidateRecord, QuarantinedRow
 from probes.cliff import CliffMetrics
 
 SCHEMA = (

@@ -13,8 +13,8 @@ from typing import Literal
 
 import orjson
 
-from curation.sources import split_response
-from curation.store import Store
+from curation.pipeline.sources import split_response
+from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
 from probes.files import write_json_atomic
 

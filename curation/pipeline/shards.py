@@ -24,8 +24,8 @@ from typing import Any
 
 import polars as pl
 
-from curation.sources import CandidateRecord, QuarantinedRow
-from curation.store import ScoreRow, Store
+from curation.pipeline.sources import CandidateRecord, QuarantinedRow
+from curation.pipeline.store import ScoreRow, Store
 from probes.files import write_json_atomic
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")

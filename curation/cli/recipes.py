@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from curation.cli import VERBS
-from curation.config import Option, convert_value, parse_bool
+from curation.cli.options import Option, convert_value, parse_bool
+from curation.cli.registry import VERBS
 
 
 class RecipeInfo(BaseModel):
@@ -41,7 +41,7 @@ class Manifest(BaseModel):
 
 
 def _options_by_section() -> dict[str, dict[str, Option]]:
-    return {verb.replace(" ", "_"): {o.dest: o for o in opts} for verb, (_, _, opts) in VERBS.items()}
+    return {verb.section: {o.dest: o for o in verb.options} for verb in VERBS.values()}
 
 
 def validate_manifest(path: str | Path) -> tuple[Manifest, dict[str, Any]]:

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from curation.sources import CandidateRecord, QuarantinedRow
-from curation.store import ScoreRow
+from curation.pipeline.sources import CandidateRecord, QuarantinedRow
+from curation.pipeline.store import ScoreRow
 from probes.chat import ThinkingFormat, render_generation_prompt, split_completion
 from probes.cliff import cliff_metrics
 from probes.forward import probe_traces
@@ -25,7 +25,7 @@ from training.judge import SubstringJudge
 
 
 class ScoreSink(Protocol):
-    """Where scoring writes: the DuckDB ``Store``, or a Parquet shard (``curation.shards``)."""
+    """Where scoring writes: the DuckDB ``Store``, or a Parquet shard (``curation.pipeline.shards``)."""
 
     def start_run(self, run_id: str, kind: str, params: dict[str, Any], model_fingerprint: str | None = None,
                   probe_id: str | None = None) -> None: ...

@@ -21,10 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from curation.score import ScoreSettings, score_records
-from curation.select import export_selection
-from curation.sources import QuarantinedRow, iter_jsonl
-from curation.store import Store
+from curation.pipeline.score import ScoreSettings, score_records
+from curation.pipeline.select import export_selection
+from curation.pipeline.sources import QuarantinedRow, iter_jsonl
+from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
 from probes.files import write_json_atomic
 from probes.models import LoadedModel

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curation.attack_kit import KitSettings, prepare_attack_kit
-from curation.demo import DemoConfig, run_demo
-from curation.experiment import finetune_on_selection, run_name
+from curation.experiments.attack_kit import KitSettings, prepare_attack_kit
+from curation.experiments.demo import DemoConfig, run_demo
+from curation.experiments.selection import finetune_on_selection, run_name
 from probes.chat import ThinkingFormat
 from probes.directions import DirectionSettings
 from probes.files import write_json_atomic

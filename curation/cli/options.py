@@ -44,13 +44,18 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected true/false, got {text!r}")
 
 
+def help_text(text: str) -> str:
+    """Help for argparse, which treats ``%`` as a format character: a budget of "1.7%" must print, not crash."""
+    return text.replace("%", "%%")
+
+
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
     for opt in options:
         shown = f" (default: {opt.default})" if opt.default not in (None, False) else ""
         if opt.type is None:
-            parser.add_argument(opt.flag, action="store_true", default=None, help=opt.help + shown)
+            parser.add_argument(opt.flag, action="store_true", default=None, help=help_text(opt.help + shown))
         else:
-            parser.add_argument(opt.flag, type=opt.type, default=None, choices=opt.choices, help=opt.help + shown)
+            parser.add_argument(opt.flag, type=opt.type, default=None, choices=opt.choices, help=help_text(opt.help + shown))
 
 
 def load_config_file(path: str | Path | None) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curation.select import SelectionManifest, export_selection
-from curation.store import Store
+from curation.pipeline.select import SelectionManifest, export_selection
+from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
 from probes.files import write_json_atomic
 from probes.models import load_model

@@ -22,9 +22,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from curation.score import ScoreSettings, score_chunk
-from curation.sources import CandidateRecord
-from curation.store import ScoreRow
+from curation.pipeline.score import ScoreSettings, score_chunk
+from curation.pipeline.sources import CandidateRecord
+from curation.pipeline.store import ScoreRow
 from probes.chat import ThinkingFormat
 from probes.cliff import CliffMetrics
 

@@ -1,0 +1,89 @@
+"""One verb of the ``curate`` command: its name, help, options and the job it runs.
+
+Each room of ``curation`` declares its verbs next to the jobs they run, one
+``Verb`` per verb; ``curation.cli.registry`` collects them, the parser and the
+recipe validator both read that registry. This module also holds the option
+groups and helpers that many verbs share (model loading flags, thinking
+markers, the consoles), so that no verb restates them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from curation.cli.options import Option
+
+if TYPE_CHECKING:
+    from probes.chat import ThinkingFormat
+    from probes.models import LoadedModel
+
+# Messages and progress go to stderr; results to stdout, so that `curate ... > file` keeps only results.
+console = Console(stderr=True)
+out_console = Console()
+
+Settings = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str  # "score" or a two-word group verb, "probe train"
+    help: str
+    options: Sequence[Option]
+    run: Callable[[Settings], int]
+    # The verb reads a whole recipe (curate run MANIFEST): the dispatcher validates the --config file
+    # against every verb's options before the job starts.
+    validates_recipe: bool = False
+
+    @property
+    def section(self) -> str:
+        """The recipe section that holds this verb's keys (``probe train`` -> ``probe_train``)."""
+        return self.name.replace(" ", "_")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+MARKER_OPTIONS = [
+    Option("--think-open", str, "<think>", "marker that opens the reasoning"),
+    Option("--think-close", str, "</think>", "marker that closes the reasoning"),
+]
+MODEL_OPTIONS = [
+    Option("--device", str, "auto", "cpu, cuda, cuda:1 or auto"),
+    Option("--dtype", str, "auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"),
+    Option("--trust-remote-code", None, False, "allow a checkpoint's own Python code to run (off unless asked)"),
+    *MARKER_OPTIONS,
+    Option("--chat-template-kwargs", json_object, None, 'JSON object passed to the chat template, e.g. \'{"enable_thinking": true}\''),
+]
+
+
+def thinking_format(s: Settings) -> ThinkingFormat:
+    from probes.chat import ThinkingFormat
+
+    return ThinkingFormat(
+        open_marker=s["think_open"], close_marker=s["think_close"], template_kwargs=dict(s.get("chat_template_kwargs") or {})
+    )
+
+
+def load_model_from(s: Settings, adapter: str | None = None) -> LoadedModel:
+    from probes.models import load_model
+
+    return load_model(s["model"], adapter=adapter, device=s["device"], dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+
+
+def at_least_one(s: Settings, name: str) -> int:
+    if s[name] < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {s[name]})")
+    return int(s[name])
+
+
+def comma_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]

@@ -1,0 +1,130 @@
+"""Steering-attack verbs: prepare a kit, export an orthogonalized model, run the attack matrix."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from rich.table import Table
+
+from curation.cli.options import Option
+from curation.cli.verb import (
+    MARKER_OPTIONS,
+    MODEL_OPTIONS,
+    Settings,
+    Verb,
+    at_least_one,
+    console,
+    load_model_from,
+    out_console,
+    thinking_format,
+)
+
+
+def run_attacks_prepare(s: Settings) -> int:
+    from curation.experiments.attack_kit import KitSettings, prepare_attack_kit
+    from probes.directions import DirectionSettings
+    from training.prompts import read_prompts
+
+    lm = load_model_from(s, adapter=s["adapter"])
+    prompts = s["prompts"] or str(Path(s["model"]) / "train_prompts.jsonl")
+    settings = KitSettings(n_extract=s["n_extract"], n_val=s["n_val"], seed=s["seed"], max_new_tokens=s["max_new_tokens"],
+                           batch_size=s["batch_size"],
+                           directions=DirectionSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
+                                                        induce_min_gain=None if s["no_induce_check"] else 0.0))
+    with console.status("preparing attack kit") as status:
+        kit = prepare_attack_kit(lm, read_prompts(prompts), thinking_format(s), settings, progress=lambda m: status.update(f"attack kit: {m}"))
+    kit.save(s["out"])
+    table = Table(title=f"attack kit for {lm.fingerprint} (strengths tuned on the validation split)")
+    for col in ("attack", "chosen strength", "validation ASR"):
+        table.add_column(col)
+    for name, params in kit.strengths.items():
+        best = next((r for r in kit.validation.get(name, []) if r.get("params") == params), {})
+        table.add_row(name, json.dumps(params), "—" if best.get("asr") is None else f"{100 * best['asr']:.1f}%")
+    out_console.print(table)
+    d = kit.direction
+    out_console.print(f"refusal direction: layer {d.layer}, position {d.position}. {d.note}")
+    out_console.print(f"saved to {s['out']}")
+    return 0
+
+
+ATTACKS_PREPARE_VERB = Verb("attacks prepare", "extract the refusal direction, benign vectors and expert statistics; tune strengths", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--adapter", str, None, "LoRA adapter directory"),
+        Option("--prompts", str, None, "jsonl with harmful and harmless prompts (default MODEL/train_prompts.jsonl); never the eval prompts"),
+        Option("--out", str, None, "kit output directory", required=True),
+        Option("--n-extract", int, 128, "prompts per side for the difference in means"),
+        Option("--n-val", int, 32, "prompts per side for direction selection and strength tuning"),
+        Option("--seed", int, 0, "seed for the extraction/validation split"),
+        Option("--no-induce-check", None, False, "do not require the direction to induce refusal on harmless prompts"),
+        Option("--max-new-tokens", int, 128, "generation cap during selection and tuning"),
+        Option("--batch-size", int, 16, "generation batch size"),
+] + MODEL_OPTIONS, run_attacks_prepare)
+
+
+def run_attacks_export(s: Settings) -> int:
+    from probes.steering import orthogonalize_weights
+    from training.attacks import AttackKit
+
+    lm = load_model_from(s, adapter=s["adapter"])
+    kit = AttackKit.load_for(s["attack_kit"], lm)
+    orthogonalize_weights(lm.model, kit.direction.vector)
+    out = Path(s["out"])
+    lm.model.save_pretrained(out, safe_serialization=True)
+    lm.tokenizer.save_pretrained(out)
+    out_console.print(f"orthogonalized model (refusal direction from layer {kit.direction.layer}) saved to {out}")
+    return 0
+
+
+ATTACKS_EXPORT_VERB = Verb("attacks export", "save a copy of the model with the refusal direction orthogonalized out of its weights", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--adapter", str, None, "LoRA adapter directory (merged before editing)"),
+        Option("--attack-kit", str, None, "attack kit for this model", required=True),
+        Option("--out", str, None, "output model directory", required=True),
+] + MODEL_OPTIONS, run_attacks_export)
+
+
+def run_experiment_attacks(s: Settings) -> int:
+    from curation.experiments.attacks import ROWS, AttackExperiment, matrix_kit_settings, run_attack_experiment
+
+    organisms = [o.strip() for o in s["organisms"].split(",") if o.strip()]
+    bad = [o for o in organisms if o not in ("dense", "moe")]
+    if bad or not organisms:
+        raise ValueError(f"--organisms: choose from dense,moe (got {s['organisms']!r})")
+    rows = [r.strip() for r in s["rows"].split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    attacks = [a.strip() for a in s["attacks"].split(",") if a.strip()] if s["attacks"] else None
+    workdirs = {"dense": s["dense_workdir"], "moe": s["moe_workdir"]}
+    batch_size = at_least_one(s, "batch_size")
+    exp = AttackExperiment(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], attacks=attacks, rows=rows,
+                           kit=matrix_kit_settings(batch_size))
+    exp.eval_settings = replace(exp.eval_settings, batch_size=batch_size)
+    with console.status("attack matrix") as status:
+        doc = run_attack_experiment(exp, thinking_format(s), progress=lambda m: status.update(m), console=out_console)
+    for org in doc["organisms"]:
+        names = list(dict.fromkeys(c["attack"] for c in org["cells"]))
+        table = Table(title=f"{org['organism']} organism: ASR on held-out harmful prompts (over-refusal)")
+        table.add_column("attack")
+        for row in doc["rows"]:
+            table.add_column(row, justify="right")
+        cells = {(c["row"], c["attack"]): c for c in org["cells"]}
+        for a in names:
+            table.add_row(a, *[f"{100 * cells[r, a]['asr']:.0f}% ({100 * (cells[r, a]['over_refusal'] or 0):.0f}%)"
+                               if (r, a) in cells else "—" for r in doc["rows"]])
+        out_console.print(table)
+    out_console.print(f"{doc['seconds']:.0f} s; report: {Path(s['out']) / 'attacks_experiment.html'}")
+    return 0
+
+
+EXPERIMENT_ATTACKS_VERB = Verb("experiment attacks", "ASR matrix: base and fine-tuned models against every steering attack", [
+        Option("--organisms", str, "dense,moe", "which organisms: dense, moe or both"),
+        Option("--dense-workdir", str, "runs/demo", "demo work directory of the dense organism (made if missing)"),
+        Option("--moe-workdir", str, "runs/demo-moe", "demo work directory of the MoE organism (made if missing)"),
+        Option("--rows", str, "base,cliff 1.7%,random 1.7%,full", "models to attack"),
+        Option("--attacks", str, None, "comma-separated attacks (default: all the model supports)"),
+        Option("--out", str, "runs/attacks", "output folder"),
+        Option("--batch-size", int, 64, "generation batch size (evaluation, selection and tuning)"),
+] + MARKER_OPTIONS, run_experiment_attacks)

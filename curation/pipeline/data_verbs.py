@@ -1,0 +1,251 @@
+"""The data pipeline's verbs: score, select, ingest, status and the nightly run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+from rich.table import Table
+
+from curation.cli.options import Option
+from curation.cli.verb import (
+    MARKER_OPTIONS,
+    MODEL_OPTIONS,
+    Settings,
+    Verb,
+    console,
+    load_model_from,
+    out_console,
+    thinking_format,
+)
+from curation.pipeline.select import STRATEGIES
+
+
+def _cell_text(value: object) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str) and value.startswith("{"):
+        try:  # run counts: one short line of k=v
+            return " ".join(f"{k}={v}" for k, v in json.loads(value).items())
+        except json.JSONDecodeError:
+            return value
+    return str(value)
+
+
+def run_score(s: Settings) -> int:
+    from rich.progress import Progress
+
+    from curation.pipeline.score import ScoreSettings, score_records
+    from curation.pipeline.shards import ParquetShardSink, Shard
+    from curation.pipeline.sources import CandidateRecord, QuarantinedRow, iter_jsonl
+    from curation.pipeline.store import Store
+    from probes.refusal import RefusalProbe
+
+    settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"],
+                             judge_answers=s["judge_answers"])
+    engine = None
+    if s["engine"] == "ray":
+        from curation.pipeline.ray_engine import RayEngine
+        from probes.models import load_model_shell
+
+        # The driver needs the tokenizer and config only; the actors hold the weights.
+        lm = load_model_shell(s["model"], trust_remote_code=s["trust_remote_code"])
+        engine = RayEngine(model=s["model"], probe=s["probe"], fmt=thinking_format(s), settings=settings, address=s["ray_address"],
+                           num_actors=s["ray_actors"], gpus_per_actor=s["ray_gpus_per_actor"], device=s["device"],
+                           dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+    else:
+        lm = load_model_from(s)
+    probe = RefusalProbe.load_for(s["probe"], lm)
+    quarantined: list[QuarantinedRow] = []
+    counts: dict[str, int] = {}
+
+    shard = Shard.parse(s["shard"]) if s["shard"] else None
+    if shard is not None and not s["shard_dir"]:
+        raise ValueError("--shard needs --shard-dir (where the shard's Parquet files go)")
+    if shard is None and not s["db"]:
+        raise ValueError("--db is required (or --shard i/N with --shard-dir)")
+
+    def records() -> Iterator[CandidateRecord]:
+        # Streamed: bad rows are set aside as they are met, good ones scored a chunk at a time.
+        # Every shard reads the whole input, so each quarantines the same bad rows; shard 0 keeps them.
+        for item in iter_jsonl(s["data"], counts=counts):
+            if isinstance(item, QuarantinedRow):
+                if shard is None or shard.index == 0:
+                    quarantined.append(item)
+            elif shard is None or shard.holds(item.id):
+                yield item
+
+    read = [0]
+
+    def log_chunk(n: int) -> None:
+        # Under cron there is no terminal for a progress bar: one line per committed chunk instead.
+        read[0] += n
+        console.print(f"committed chunk: {read[0]} candidates done", soft_wrap=True)
+
+    sink = ParquetShardSink(s["shard_dir"], shard) if shard is not None else Store(s["db"])
+    with closing(sink), Progress(console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task("scoring", total=None)
+        on_chunk = (lambda n: progress.advance(task, n)) if console.is_terminal else log_chunk
+        try:
+            summary = score_records(lm, probe, sink, records(), thinking_format(s), settings, progress=on_chunk, engine=engine)
+        finally:
+            sink.add_quarantine(quarantined, None)
+    out_console.print(
+        f"run {summary.run_id}: {summary.n_candidates} candidates, {summary.n_scored} scored, "
+        f"{summary.n_already_scored} already scored, {summary.n_unclosed} traces hit the length cap; "
+        f"{len(quarantined) + summary.n_over_context} rows quarantined, {counts.get('duplicates', 0)} duplicates skipped"
+    )
+    reasons: dict[str, int] = {}
+    for q in quarantined:
+        key = q.reason.split(":")[0].split("(")[0].strip()
+        reasons[key] = reasons.get(key, 0) + 1
+    if summary.n_over_context:
+        reasons["prompt over the context limit"] = summary.n_over_context
+    for reason, n in sorted(reasons.items()):
+        console.print(f"  quarantined {n}: {reason}")
+    for q in quarantined[:10]:
+        console.print(f"    {q.source}:{q.line}: {q.reason}")
+    if reasons and shard is None:
+        console.print(f"  see them with: curate status --db {s['db']} (table quarantine)")
+    return 1 if (s["strict"] and (quarantined or summary.n_over_context)) else 0
+
+
+SCORE_VERB = Verb("score", "score candidate examples by the refusal cliff into DuckDB", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--probe", str, None, "probe directory", required=True),
+        Option("--data", str, None, "candidate jsonl (prompt, response, optional category/source/id)", required=True),
+        Option("--db", str, None, "DuckDB file (not with --shard)"),
+        Option("--shard", str, None, "score only slice i of N (by content hash), e.g. 0/4, into --shard-dir"),
+        Option("--shard-dir", str, None, "folder for the shard's Parquet files (merge them with curate ingest)"),
+        Option("--engine", str, "local", "local (this process) or ray (Ray Data actors; pip install cliff-curate[ray])",
+               choices=("local", "ray")),
+        Option("--ray-address", str, None, "Ray cluster address (e.g. ray://head:10001 or auto); default: a local instance"),
+        Option("--ray-actors", int, 1, "model-holding actors (one model copy each)"),
+        Option("--ray-gpus-per-actor", float, 0.0, "GPUs per actor (1 on a GPU cluster)"),
+        Option("--max-new-tokens", int, 128, "reasoning length cap"),
+        Option("--batch-size", int, 16, "generation batch size"),
+        Option("--chunk-size", int, 64, "examples per committed transaction"),
+        Option("--strict", None, False, "exit 1 if any row was quarantined"),
+        Option("--judge-answers", None, False, "also generate each answer and store the judge's verdict (for --strategy rule)"),
+] + MODEL_OPTIONS, run_score)
+
+
+def run_select(s: Settings) -> int:
+    from curation.pipeline.select import export_selection
+    from curation.pipeline.store import Store
+
+    with Store(s["db"], read_only=True) as store:
+        m = export_selection(store, s["out"], strategy=s["strategy"], budget_text=s["budget"], seed=s["seed"],
+                             target=s["target"], fmt=thinking_format(s), model_fingerprint=s["model_fingerprint"], probe_id=s["probe_id"])
+    out_console.print(f"selected {m.n_selected} of {m.n_pool} ({m.strategy}, budget {m.budget}) -> {m.output}")
+    return 0
+
+
+SELECT_VERB = Verb("select", "select a budgeted slice and export it as training pairs", [
+        Option("--db", str, None, "DuckDB file", required=True),
+        Option("--budget", str, "1.7%", "a percent (1.7%), a fraction (0.017) or a count (500)"),
+        Option("--strategy", str, "cliff", "cliff (top MS), random, full, low-final, plateau, rule", choices=STRATEGIES),
+        Option("--seed", int, 0, "seed for random"),
+        Option("--out", str, None, "output jsonl", required=True),
+        Option("--target", str, "own-reasoning", "own-reasoning (paper recipe) or candidate", choices=("own-reasoning", "candidate")),
+        Option("--model-fingerprint", str, None, "which model's scores (default: most recent)"),
+        Option("--probe-id", str, None, "which probe's scores (default: most recent)"),
+] + MARKER_OPTIONS, run_select)
+
+
+def run_ingest(s: Settings) -> int:
+    from curation.pipeline.shards import ingest_shards
+    from curation.pipeline.store import Store
+
+    with Store(s["db"]) as store:
+        counts = ingest_shards(store, [d.strip() for d in s["shards"].split(",") if d.strip()])
+    out_console.print(
+        f"ingested {counts['files']} files ({counts['skipped_files']} already ingested): {counts['new_scores']} new score rows "
+        f"of {counts['score_rows']} read, {counts['quarantined']} quarantined rows")
+    return 0
+
+
+INGEST_VERB = Verb("ingest", "merge Parquet shards from curate score --shard into a store (idempotent)", [
+        Option("--db", str, None, "DuckDB file", required=True),
+        Option("--shards", str, None, "comma-separated shard folders (each --shard-dir)", required=True),
+], run_ingest)
+
+
+def run_run(s: Settings) -> int:
+    from curation.pipeline.nightly import NightlySettings, reproduce, run_nightly
+    from curation.pipeline.score import ScoreSettings
+    from probes.refusal import RefusalProbe
+
+    if s["reproduce"]:
+        out = s["reproduce_out"] or str(Path(s["reproduce"]).with_name("reproduced_selection.jsonl"))
+        result = reproduce(s["reproduce"], out, thinking_format(s))
+        out_console.print(f"{'identical' if result['identical'] else 'DIFFERENT'}: {result['n_selected']} rows -> {out}")
+        return 0 if result["identical"] else 1
+    sources = s["sources"] if isinstance(s["sources"], list) else [x.strip() for x in (s["sources"] or "").split(",") if x.strip()]
+    missing = [flag for flag, key in (("--sources", sources), ("--model", s["model"]), ("--probe", s["probe"]),
+                                      ("--db", s["db"]), ("--out", s["out"])) if not key]
+    if missing:
+        raise ValueError(f"curate run needs {', '.join(missing)} (in the manifest's run section or as flags)")
+    cfg = NightlySettings(sources=tuple(str(x) for x in sources), model=s["model"], probe=s["probe"], db=s["db"], out=s["out"],
+                          budget=s["budget"], strategy=s["strategy"], seed=s["seed"],
+                          score=ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
+                                              chunk_size=s["chunk_size"], judge_answers=s["judge_answers"]))
+    lm = load_model_from(s)
+    probe = RefusalProbe.load_for(s["probe"], lm)
+    settings = {k: v for k, v in s.items() if not k.startswith("_")}
+    resolved = run_nightly(lm, probe, cfg, thinking_format(s), s["_config"], settings, log=lambda m: console.print(m, soft_wrap=True))
+    table = Table(title=f"nightly run: {resolved['selection']['n_selected']} of {resolved['selection']['n_pool']} selected")
+    for col in ("source", "candidates", "new", "scored", "already scored", "quarantined", "seconds"):
+        table.add_column(col)
+    for src, c in resolved["counts"].items():
+        table.add_row(src, str(c["candidates"]), str(c["new_examples"]), str(c["scored"]), str(c["already_scored"]),
+                      str(c["quarantined"]), str(resolved["durations_s"][f"score {src}"]))
+    out_console.print(table)
+    out_console.print(f"slice: {resolved['selection']['output']}\nresolved manifest: "
+                      f"{Path(resolved['selection']['output']).with_name('resolved_manifest.json')}")
+    return 0
+
+
+RUN_VERB = Verb("run", "the nightly job from one manifest: score new rows, select, write a resolved manifest", [
+        Option("--sources", str, None, "comma-separated candidate jsonl files (a YAML list in a manifest)"),
+        Option("--model", str, None, "model directory"),
+        Option("--probe", str, None, "probe directory"),
+        Option("--db", str, None, "DuckDB file"),
+        Option("--out", str, None, "folder for each night's slice and resolved manifest"),
+        Option("--budget", str, "1.7%", "selection budget"),
+        Option("--strategy", str, "cliff", "selection strategy", choices=STRATEGIES),
+        Option("--seed", int, 0, "seed for random strategies"),
+        Option("--max-new-tokens", int, 128, "reasoning length cap"),
+        Option("--batch-size", int, 16, "generation batch size"),
+        Option("--chunk-size", int, 64, "examples per committed transaction"),
+        Option("--judge-answers", None, False, "also judge each answer (for --strategy rule)"),
+        Option("--reproduce", str, None, "a resolved_manifest.json: re-select that night's slice and compare"),
+        Option("--reproduce-out", str, None, "where the re-selected slice goes (default: next to the manifest)"),
+] + MODEL_OPTIONS, run_run, validates_recipe=True)
+
+
+def run_status(s: Settings) -> int:
+    from curation.pipeline.store import Store
+
+    with Store(s["db"], read_only=True) as store:
+        status = store.status()
+    if s["json"]:
+        out_console.print_json(json.dumps(status, default=str))
+        return 0
+    for name, rows in status.items():
+        table = Table(title=f"{name} ({len(rows)})")
+        columns = list(rows[0]) if rows else ["(none)"]
+        for col in columns:
+            table.add_column(col.replace("_", " "))
+        for r in rows:
+            table.add_row(*[_cell_text(r[c]) for c in columns])
+        out_console.print(table)
+    return 0
+
+
+STATUS_VERB = Verb("status", "counts per source, model/probe, quarantine reason and run in a store", [
+        Option("--db", str, None, "DuckDB file", required=True),
+        Option("--json", None, False, "print JSON instead of tables"),
+], run_status)

@@ -1,0 +1,162 @@
+"""The verbs that make or change a model along the pipeline: organism build, probe train, retain, finetune, evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from curation.cli.options import Option
+from curation.cli.verb import MODEL_OPTIONS, Settings, Verb, console, json_object, load_model_from, out_console, thinking_format
+from training.attack_names import ATTACKS as ATTACK_NAMES
+
+
+def run_organism_build(s: Settings) -> int:
+    from rich.progress import Progress
+
+    from training.organism.build import OrganismConfig, build_organism
+
+    suppressed = tuple(a.strip() for a in s["suppressed"].split(",") if a.strip())
+    cfg = OrganismConfig(size=s["size"], moe=s["moe"], seed=s["seed"], suppressed=suppressed, epochs=s["epochs"])
+    with Progress(console=console) as progress:
+        task = progress.add_task("training organism", total=None)
+        meta = build_organism(s["out"], cfg, progress=lambda step, n, loss: progress.update(task, completed=step, total=n, description=f"training organism (loss {loss:.3f})"))
+    out_console.print(f"organism saved to {s['out']}: {meta['architecture']}, {meta['parameters']:,} parameters, built in {meta['build_seconds']} s")
+    return 0
+
+
+ORGANISM_BUILD_VERB = Verb("organism build", "train and save the bundled model organism", [
+        Option("--out", str, None, "output directory", required=True),
+        Option("--moe", None, False, "Qwen3-MoE-style model (4 experts, top-2 routing)"),
+        Option("--seed", int, 0, "random seed"),
+        Option("--size", str, "demo", "test (seconds) or demo (about 2 minutes)", choices=("test", "demo")),
+        Option("--suppressed", str, "human_chatbox,misinformation_harms", "comma-separated risk areas the organism complies in"),
+        Option("--epochs", int, None, "override the size preset's epochs"),
+], run_organism_build)
+
+
+def run_probe_train(s: Settings) -> int:
+    from curation.pipeline.probe_job import ProbeTrainSettings, train_probe_for_model
+    from training.prompts import read_prompts
+
+    prompts_file = s["prompts"] or str(Path(s["model"]) / "train_prompts.jsonl")
+    prompts = read_prompts(prompts_file)
+    lm = load_model_from(s)
+    settings = ProbeTrainSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=s["seed"],
+                                  layer=s["layer"], protocol=s["protocol"])
+    probe, report = train_probe_for_model(lm, prompts, thinking_format(s), settings)
+    probe.save(s["out"])
+    table = Table(title=f"probe layer sweep ({report.n_positive} refusals vs {report.n_negative} compliances, balanced)")
+    for col in ("layer", "held-out accuracy", "held-out AUROC", "span gap", "C"):
+        table.add_column(col, justify="right")
+    for r in probe.meta.sweep:
+        mark = " *" if r.layer == probe.layer else ""
+        gap = "—" if r.span_gap is None else f"{r.span_gap:.3f}"
+        table.add_row(f"{r.layer}{mark}", f"{r.heldout_accuracy:.3f}", f"{r.heldout_auroc:.3f}", gap, f"{r.C:g}")
+    out_console.print(table)
+    out_console.print(f"probe {probe.probe_id} (layer {probe.layer}) saved to {s['out']}; {report.n_skipped} traces skipped")
+    return 0
+
+
+PROBE_TRAIN_VERB = Verb("probe train", "train the refusal probe on the model's own refusals and compliances", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--out", str, None, "probe output directory", required=True),
+        Option("--prompts", str, None, "jsonl with prompt/harmful fields (default: MODEL/train_prompts.jsonl)"),
+        Option("--layer", int, None, "fit only this layer (default: sweep every layer)"),
+        Option("--max-new-tokens", int, 160, "generation cap"),
+        Option("--batch-size", int, 16, "generation batch size"),
+        Option("--seed", int, 0, "seed for the held-out split"),
+        Option("--protocol", str, "behaviour", "behaviour: label by the model's answer; reference: harmful-refused vs harmless-answered",
+               choices=("behaviour", "reference")),
+] + MODEL_OPTIONS, run_probe_train)
+
+
+def run_retain(s: Settings) -> int:
+    from training.prompts import read_prompts
+    from training.retain import build_retain_set
+
+    prompts = read_prompts(s["prompts"])[: s["limit"]] if s["limit"] else read_prompts(s["prompts"])
+    n = build_retain_set(load_model_from(s), prompts, s["out"], thinking_format(s), max_new_tokens=s["max_new_tokens"])
+    out_console.print(f"retain set: {n} pairs -> {s['out']}")
+    return 0
+
+
+RETAIN_VERB = Verb("retain", "make a retain set from the model's own answers to harmless prompts", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--prompts", str, None, "jsonl prompts; rows with harmful=false are used", required=True),
+        Option("--out", str, None, "output jsonl", required=True),
+        Option("--limit", int, None, "use at most this many prompts"),
+        Option("--max-new-tokens", int, 192, "generation cap"),
+] + MODEL_OPTIONS, run_retain)
+
+
+def run_finetune(s: Settings) -> int:
+    from training.finetune import FinetuneConfig, finetune_lora
+
+    cfg = FinetuneConfig(epochs=s["epochs"], learning_rate=s["learning_rate"], batch_size=s["batch_size"],
+                         lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], seed=s["seed"], device=s["device"],
+                         dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+    summary = finetune_lora(s["model"], s["data"], s["out"], cfg, thinking_format(s), retain_file=s["retain"])
+    out_console.print(f"adapter saved to {s['out']}: {summary['n_examples']} examples, {summary['steps']} steps, loss {summary['train_loss']:.4f}")
+    return 0
+
+
+FINETUNE_VERB = Verb("finetune", "LoRA fine-tune (TRL SFTTrainer + PEFT) on a selected slice", [
+        Option("--model", str, None, "base model directory", required=True),
+        Option("--data", str, None, "selected pairs from curate select", required=True),
+        Option("--out", str, None, "adapter output directory", required=True),
+        Option("--retain", str, None, "retain pairs mixed in (curate retain)"),
+        Option("--epochs", float, 10.0, "epochs"),
+        Option("--learning-rate", float, 1e-3, "learning rate"),
+        Option("--batch-size", int, 8, "batch size"),
+        Option("--lora-r", int, 8, "LoRA rank"),
+        Option("--lora-alpha", int, 16, "LoRA alpha"),
+        Option("--seed", int, 0, "seed"),
+] + MODEL_OPTIONS, run_finetune)
+
+
+def run_evaluate(s: Settings) -> int:
+    from probes.files import write_json_atomic
+    from training.evaluate import EvalSettings, evaluate_prompts
+    from training.prompts import PromptItem, read_prompts
+
+    items = read_prompts(s["prompts"])
+    lm = load_model_from(s, adapter=s["adapter"])
+    settings = EvalSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"])
+    if s["attack"] == "none" and not s["attack_kit"]:
+        result = evaluate_prompts(lm, items, thinking_format(s), settings)
+    else:
+        from training.attacks import AttackKit, build_attack
+
+        if not s["attack_kit"]:
+            raise ValueError(f"--attack {s['attack']} needs --attack-kit (made by curate attacks prepare for this model)")
+        kit = AttackKit.load_for(s["attack_kit"], lm)
+        attack = build_attack(s["attack"], kit, json_object(s["attack_params"]) if s["attack_params"] else None)
+        with attack.mount(lm, kit):
+            result = evaluate_prompts(lm, [PromptItem(attack.wrap(i.prompt), i.harmful, i.category) for i in items], thinking_format(s), settings)
+        result["attack"] = {"name": attack.name, "params": attack.params}
+    write_json_atomic(s["out"], result)
+    title = f"evaluation ({result['judge']} judge" + (f", attack {s['attack']})" if s["attack"] != "none" else ")")
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, key, n in (("ASR", "asr", "n_harmful"), ("over-refusal", "over_refusal", "n_harmless")):
+        v = result[key]
+        table.add_row(f"{name} (n={result[n]})", "—" if v is None else f"{100 * v:.1f}%")
+    for cat, v in result["per_category"].items():
+        table.add_row(f"  ASR {cat} (n={v['n']})", f"{100 * v['asr']:.1f}%")
+    out_console.print(table)
+    return 0
+
+
+EVALUATE_VERB = Verb("evaluate", "ASR and over-refusal with the keyword judge on final answers", [
+        Option("--model", str, None, "model directory", required=True),
+        Option("--adapter", str, None, "LoRA adapter directory"),
+        Option("--prompts", str, None, "jsonl (prompt, category, harmful) or text, one harmful prompt per line", required=True),
+        Option("--out", str, None, "output JSON", required=True),
+        Option("--max-new-tokens", int, 192, "generation cap (reasoning + answer)"),
+        Option("--batch-size", int, 16, "generation batch size"),
+        Option("--attack", str, "none", "steering attack mounted during generation", choices=ATTACK_NAMES),
+        Option("--attack-kit", str, None, "attack kit directory (curate attacks prepare) for this model"),
+        Option("--attack-params", str, None, 'JSON object overriding the kit\'s tuned strength, e.g. \'{"coefficient": 2}\''),
+] + MODEL_OPTIONS, run_evaluate)
