@@ -8,7 +8,6 @@ memory in every scoring process and Ray actor, for code only training uses.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,7 +18,7 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from probes.refusal import LayerResult, ProbeMetadata, RefusalProbe
+from probes.refusal import POSITION_PROTOCOL, LayerResult, ProbeMetadata, RefusalProbe, compute_probe_id
 
 
 def _fit_layer(
@@ -100,8 +99,6 @@ def sweep_layers(
         auroc = float(roc_auc_score(labels[idx_test], logits))
         results.append(LayerResult(layer=li, heldout_accuracy=acc, heldout_auroc=auroc, C=c))
         weight = torch.tensor(coef, dtype=torch.float32)
-        h = hashlib.sha256(weight.numpy().tobytes())
-        h.update(f"{bias}|{li}|{model_fingerprint}".encode())
         meta = ProbeMetadata(
             layer=li,
             hidden_size=x.shape[1],
@@ -111,7 +108,7 @@ def sweep_layers(
             n_negative=int(balance.min()),
             heldout_fraction=heldout_fraction,
             created_at=created,
-            probe_id=h.hexdigest()[:16],
+            probe_id=compute_probe_id(weight, bias, li, model_fingerprint, POSITION_PROTOCOL),
         )
         probes[li] = RefusalProbe(weight=weight, bias=bias, meta=meta)
     return ProbeSweep(probes=probes, results=results, heldout_index=np.asarray(idx_test))

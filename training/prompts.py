@@ -16,13 +16,22 @@ class PromptItem:
     category: str | None = None
 
 
+JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+
+
 def read_prompts(path: str | Path) -> list[PromptItem]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise ValueError(f"prompt file {path} is a directory; give a jsonl or text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     items: list[PromptItem] = []
-    if path.suffix in {".jsonl", ".json"}:
+    # By suffix, whatever its case: a .JSONL or .ndjson read as text would count every line as a harmful prompt.
+    if path.suffix.lower() in JSON_SUFFIXES:
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -30,6 +39,8 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            except (ValueError, RecursionError) as exc:  # digit limit, nesting depth
+                raise ValueError(f"{path}:{lineno}: unreadable JSON ({type(exc).__name__})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
                 raise ValueError(f"{path}:{lineno}: each line needs a non-empty string field 'prompt'")
             harmful = obj.get("harmful", True)

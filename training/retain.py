@@ -4,11 +4,11 @@ safety fine-tune so that it keeps answering ordinary requests."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from probes.chat import ThinkingFormat, split_completion
+from probes.files import atomic_path
 from probes.generate import generate
 from probes.models import LoadedModel
 from training.judge import SubstringJudge
@@ -31,15 +31,11 @@ def build_retain_set(
         raise ValueError("a retain set needs harmless prompts (rows with \"harmful\": false)")
     judge = SubstringJudge()
     gens = generate(lm, [p.prompt for p in harmless], fmt, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_close=False)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     written = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for item, g in zip(harmless, gens, strict=True):
             split = split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt)
             if split.closed and judge.judge(split.answer) == "compliance":
                 fh.write(json.dumps({"prompt": item.prompt, "reasoning": split.reasoning, "answer": split.answer}) + "\n")
                 written += 1
-    os.replace(tmp, out)
     return written

@@ -29,6 +29,7 @@ class Option:
     help: str = ""
     required: bool = False
     choices: Sequence[Any] | None = None
+    minimum: float | None = None  # sizes and counts: 0 would fail deep inside a loop, so it is refused here
 
     @property
     def dest(self) -> str:
@@ -55,18 +56,36 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         if opt.type is None:
             parser.add_argument(opt.flag, action="store_true", default=None, help=help_text(opt.help + shown))
         else:
-            parser.add_argument(opt.flag, type=opt.type, default=None, choices=opt.choices, help=help_text(opt.help + shown))
+            # Parsed as text and converted in resolve(), so that a bad flag, variable or file value
+            # gets the same one-line error naming where it came from.
+            parser.add_argument(opt.flag, default=None, choices=opt.choices, help=help_text(opt.help + shown))
 
 
 def load_config_file(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
+    return read_yaml_mapping(path, "--config")
+
+
+def read_yaml_mapping(path: str | Path, flag: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping. ``safe_load`` only: a ``!!python`` tag is an
+    error, never code that runs."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"--config: file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+        raise FileNotFoundError(f"{flag}: file not found: {p}")
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a directory, not a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{flag} {p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{flag} {p}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config {p}: expected a mapping of option names to values")
+        raise ValueError(f"{flag} {p}: expected a mapping of option names to values, got a {type(data).__name__}")
     return data
 
 
@@ -79,6 +98,8 @@ def resolve(
     for opt in options:
         convert = opt.type or parse_bool
         value = getattr(args, opt.dest, None)
+        if value is not None and opt.type is not None:
+            value = convert_value(convert, value, opt.flag)
         if value is None:
             env_name = "CURATE_" + opt.dest.upper()
             if env_name in os.environ:
@@ -92,6 +113,8 @@ def resolve(
             raise ValueError(f"{opt.flag} must be one of {list(opt.choices)}, got {value!r}")
         if opt.required and value is None:
             raise ValueError(f"{opt.flag} is required (flag, CURATE_{opt.dest.upper()} or config file)")
+        if opt.minimum is not None and value is not None and value < opt.minimum:
+            raise ValueError(f"{opt.flag} must be at least {opt.minimum:g} (got {value})")
         resolved[opt.dest] = value
     return resolved
 

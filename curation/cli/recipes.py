@@ -14,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from curation.cli.options import Option, convert_value, parse_bool
+from curation.cli.options import Option, convert_value, parse_bool, read_yaml_mapping
 from curation.cli.registry import VERBS
 
 
@@ -41,15 +40,13 @@ class Manifest(BaseModel):
 
 
 def _options_by_section() -> dict[str, dict[str, Option]]:
-    return {verb.section: {o.dest: o for o in verb.options} for verb in VERBS.values()}
+    return {verb.section: {o.dest: o for o in verb.cli_options} for verb in VERBS.values()}
 
 
 def validate_manifest(path: str | Path) -> tuple[Manifest, dict[str, Any]]:
     """Parse and check a recipe; returns it and its raw mapping. Errors name the key."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a manifest is a mapping")
+    raw = read_yaml_mapping(path, "recipe")
     manifest = Manifest.model_validate(raw)
     sections = _options_by_section()
     all_options: dict[str, Option] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -29,6 +30,20 @@ out_console = Console()
 Settings = dict[str, Any]
 
 
+FORCE_OPTION = Option("--force", None, False, "overwrite an output that curate did not write (never one of the inputs)")
+
+
+@dataclass(frozen=True)
+class Output:
+    """An option naming something the verb writes."""
+
+    flag: str
+    folder: bool = False
+    # Added to rather than replaced (a store, a shard folder, a folder of nights): only checked
+    # against the inputs and for its kind, never refused for existing.
+    appends: bool = False
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str  # "score" or a two-word group verb, "probe train"
@@ -38,6 +53,16 @@ class Verb:
     # The verb reads a whole recipe (curate run MANIFEST): the dispatcher validates the --config file
     # against every verb's options before the job starts.
     validates_recipe: bool = False
+    # What it writes and what it reads: the dispatcher refuses an output that is an input, or that
+    # exists and is not curate's (without --force), before the job starts; see probes.outputs.
+    outputs: tuple[Output, ...] = ()
+    inputs: tuple[str, ...] = ()
+
+    @property
+    def cli_options(self) -> list[Option]:
+        """The declared options, plus --force for a verb that replaces outputs."""
+        replaces = any(not o.appends for o in self.outputs)
+        return [*self.options, FORCE_OPTION] if replaces else list(self.options)
 
     @property
     def section(self) -> str:
@@ -87,3 +112,16 @@ def at_least_one(s: Settings, name: str) -> int:
 
 def comma_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def check_input_file(path: str | None, flag: str) -> None:
+    """An input that must be a readable file: said before any store is opened or model loaded."""
+    if path is None:
+        return
+    p = Path(path)
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty")
+    if not p.exists():
+        raise FileNotFoundError(f"{flag}: file not found: {p}")
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a directory; give a file")

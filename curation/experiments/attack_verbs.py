@@ -12,6 +12,7 @@ from curation.cli.options import Option
 from curation.cli.verb import (
     MARKER_OPTIONS,
     MODEL_OPTIONS,
+    Output,
     Settings,
     Verb,
     at_least_one,
@@ -54,13 +55,14 @@ ATTACKS_PREPARE_VERB = Verb("attacks prepare", "extract the refusal direction, b
         Option("--adapter", str, None, "LoRA adapter directory"),
         Option("--prompts", str, None, "jsonl with harmful and harmless prompts (default MODEL/train_prompts.jsonl); never the eval prompts"),
         Option("--out", str, None, "kit output directory", required=True),
-        Option("--n-extract", int, 128, "prompts per side for the difference in means"),
-        Option("--n-val", int, 32, "prompts per side for direction selection and strength tuning"),
+        Option("--n-extract", int, 128, "prompts per side for the difference in means", minimum=1),
+        Option("--n-val", int, 32, "prompts per side for direction selection and strength tuning", minimum=1),
         Option("--seed", int, 0, "seed for the extraction/validation split"),
         Option("--no-induce-check", None, False, "do not require the direction to induce refusal on harmless prompts"),
-        Option("--max-new-tokens", int, 128, "generation cap during selection and tuning"),
-        Option("--batch-size", int, 16, "generation batch size"),
-] + MODEL_OPTIONS, run_attacks_prepare)
+        Option("--max-new-tokens", int, 128, "generation cap during selection and tuning", minimum=1),
+        Option("--batch-size", int, 16, "generation batch size", minimum=1),
+] + MODEL_OPTIONS, run_attacks_prepare,
+    outputs=(Output("--out", folder=True),), inputs=("--model", "--adapter", "--prompts"))
 
 
 def run_attacks_export(s: Settings) -> int:
@@ -82,7 +84,8 @@ ATTACKS_EXPORT_VERB = Verb("attacks export", "save a copy of the model with the 
         Option("--adapter", str, None, "LoRA adapter directory (merged before editing)"),
         Option("--attack-kit", str, None, "attack kit for this model", required=True),
         Option("--out", str, None, "output model directory", required=True),
-] + MODEL_OPTIONS, run_attacks_export)
+] + MODEL_OPTIONS, run_attacks_export,
+    outputs=(Output("--out", folder=True),), inputs=("--model", "--adapter", "--attack-kit"))
 
 
 def run_experiment_attacks(s: Settings) -> int:
@@ -126,5 +129,6 @@ EXPERIMENT_ATTACKS_VERB = Verb("experiment attacks", "ASR matrix: base and fine-
         Option("--rows", str, "base,cliff 1.7%,random 1.7%,full", "models to attack"),
         Option("--attacks", str, None, "comma-separated attacks (default: all the model supports)"),
         Option("--out", str, "runs/attacks", "output folder"),
-        Option("--batch-size", int, 64, "generation batch size (evaluation, selection and tuning)"),
-] + MARKER_OPTIONS, run_experiment_attacks)
+        Option("--batch-size", int, 64, "generation batch size (evaluation, selection and tuning)", minimum=1),
+] + MARKER_OPTIONS, run_experiment_attacks,
+    outputs=(Output("--out", folder=True, appends=True),), inputs=())

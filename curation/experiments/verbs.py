@@ -12,6 +12,7 @@ from curation.cli.options import Option
 from curation.cli.verb import (
     MARKER_OPTIONS,
     MODEL_OPTIONS,
+    Output,
     Settings,
     Verb,
     at_least_one,
@@ -63,11 +64,12 @@ EXPERIMENT_SELECTION_VERB = Verb("experiment selection", "fine-tune on each sele
         Option("--workdir", str, "runs/demo", "a curate demo work directory (organism, store, retain set)"),
         Option("--budgets", str, "0.5%,1.7%,5%", "comma-separated budgets"),
         Option("--strategies", str, "cliff,random,low-final,plateau,rule", "comma-separated strategies (full runs once)"),
-        Option("--random-seeds", int, 3, "seeds for random and rule"),
+        Option("--random-seeds", int, 3, "seeds for random and rule", minimum=1),
         Option("--no-full", None, False, "skip the full-data run"),
         Option("--out", str, None, "output folder (default: WORKDIR/experiment_selection)"),
-        Option("--batch-size", int, 64, "evaluation batch size"),
-] + MARKER_OPTIONS, run_experiment_selection)
+        Option("--batch-size", int, 64, "evaluation batch size", minimum=1),
+] + MARKER_OPTIONS, run_experiment_selection,
+    outputs=(Output("--out", folder=True, appends=True),), inputs=())
 
 
 def run_heads(s: Settings) -> int:
@@ -111,12 +113,13 @@ HEADS_VERB = Verb("heads", "rank refusal-suppression heads and ablate the top k%
         Option("--ks", str, "1,3,5,10", "percentages of all heads to ablate"),
         Option("--gamma", float, 0.0, "scale for ablated heads (0 removes them)"),
         Option("--keep-norm", None, False, "rescale each token's attention output to its original norm"),
-        Option("--max-new-tokens", int, 128, "reasoning length cap"),
-        Option("--batch-size", int, 16, "batch size"),
+        Option("--max-new-tokens", int, 128, "reasoning length cap", minimum=1),
+        Option("--batch-size", int, 16, "batch size", minimum=1),
         Option("--seed", int, 0, "seed for the random-heads control"),
-        Option("--export-top", int, None, "also save a model with this many top heads scaled in the weights"),
+        Option("--export-top", int, None, "also save a model with this many top heads scaled in the weights", minimum=1),
         Option("--export-out", str, None, "where to save that model"),
-] + MODEL_OPTIONS, run_heads)
+] + MODEL_OPTIONS, run_heads,
+    outputs=(Output("--out", folder=True), Output("--export-out", folder=True)), inputs=("--model", "--probe", "--prompts", "--eval-prompts"))
 
 
 def run_bench(s: Settings) -> int:
@@ -165,17 +168,18 @@ BENCH_VERB = Verb("bench", "time the scoring engine against a naive baseline (or
         Option("--model", str, "runs/demo/organism", "model directory"),
         Option("--probe", str, "runs/demo/probe", "probe directory"),
         Option("--prompts", str, None, "prompts to score (default MODEL/train_prompts.jsonl)"),
-        Option("--n", int, 64, "examples per side"),
-        Option("--max-new-tokens", int, 128, "reasoning length cap"),
-        Option("--batch-size", int, 16, "engine batch size"),
+        Option("--n", int, 64, "examples per side", minimum=1),
+        Option("--max-new-tokens", int, 128, "reasoning length cap", minimum=1),
+        Option("--batch-size", int, 16, "engine batch size", minimum=1),
         Option("--tolerance", float, 1e-3, "largest allowed score difference"),
         Option("--select", None, False, "benchmark selection instead of scoring"),
-        Option("--rows", int, 10_000_000, "score rows for --select"),
+        Option("--rows", int, 10_000_000, "score rows for --select", minimum=1),
         Option("--budget", str, "1.7%", "budget for --select"),
         Option("--out", str, None, "write the figures as JSON"),
         Option("--device", str, "auto", "cpu, cuda or auto"),
         Option("--dtype", str, "auto", "auto, float32, bfloat16"),
-], run_bench)
+], run_bench,
+    outputs=(Output("--out"),), inputs=("--model", "--probe", "--prompts"))
 
 
 def run_demo(s: Settings) -> int:
@@ -195,4 +199,5 @@ DEMO_VERB = Verb("demo", "run the whole pipeline on the bundled model organism",
         Option("--budget", str, "1.7%", "selection budget"),
         Option("--strategy", str, "cliff", "selection strategy", choices=("cliff", "random", "full")),
         Option("--rebuild", None, False, "rebuild the organism even if one is there"),
-], run_demo)
+], run_demo,
+    outputs=(Output("--workdir", folder=True, appends=True),), inputs=())

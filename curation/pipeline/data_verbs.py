@@ -13,8 +13,10 @@ from curation.cli.options import Option
 from curation.cli.verb import (
     MARKER_OPTIONS,
     MODEL_OPTIONS,
+    Output,
     Settings,
     Verb,
+    check_input_file,
     console,
     load_model_from,
     out_console,
@@ -45,71 +47,75 @@ def run_score(s: Settings) -> int:
 
     settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"],
                              judge_answers=s["judge_answers"])
-    engine = None
-    if s["engine"] == "ray":
-        from curation.pipeline.ray_engine import RayEngine
-        from probes.models import load_model_shell
-
-        # The driver needs the tokenizer and config only; the actors hold the weights.
-        lm = load_model_shell(s["model"], trust_remote_code=s["trust_remote_code"])
-        engine = RayEngine(model=s["model"], probe=s["probe"], fmt=thinking_format(s), settings=settings, address=s["ray_address"],
-                           num_actors=s["ray_actors"], gpus_per_actor=s["ray_gpus_per_actor"], device=s["device"],
-                           dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
-    else:
-        lm = load_model_from(s)
-    probe = RefusalProbe.load_for(s["probe"], lm)
-    quarantined: list[QuarantinedRow] = []
-    counts: dict[str, int] = {}
-
     shard = Shard.parse(s["shard"]) if s["shard"] else None
     if shard is not None and not s["shard_dir"]:
         raise ValueError("--shard needs --shard-dir (where the shard's Parquet files go)")
-    if shard is None and not s["db"]:
+    if shard is None and s["db"] is None:
         raise ValueError("--db is required (or --shard i/N with --shard-dir)")
-
-    def records() -> Iterator[CandidateRecord]:
-        # Streamed: bad rows are set aside as they are met, good ones scored a chunk at a time.
-        # Every shard reads the whole input, so each quarantines the same bad rows; shard 0 keeps them.
-        for item in iter_jsonl(s["data"], counts=counts):
-            if isinstance(item, QuarantinedRow):
-                if shard is None or shard.index == 0:
-                    quarantined.append(item)
-            elif shard is None or shard.holds(item.id):
-                yield item
-
-    read = [0]
-
-    def log_chunk(n: int) -> None:
-        # Under cron there is no terminal for a progress bar: one line per committed chunk instead.
-        read[0] += n
-        console.print(f"committed chunk: {read[0]} candidates done", soft_wrap=True)
-
+    check_input_file(s["data"], "--data")
+    # The store first: a second writer is refused before minutes go into loading a model.
     sink = ParquetShardSink(s["shard_dir"], shard) if shard is not None else Store(s["db"])
-    with closing(sink), Progress(console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task("scoring", total=None)
-        on_chunk = (lambda n: progress.advance(task, n)) if console.is_terminal else log_chunk
-        try:
+    with closing(sink):
+        engine = None
+        if s["engine"] == "ray":
+            from curation.pipeline.ray_engine import RayEngine
+            from probes.models import load_model_shell
+
+            # The driver needs the tokenizer and config only; the actors hold the weights.
+            lm = load_model_shell(s["model"], trust_remote_code=s["trust_remote_code"])
+            engine = RayEngine(model=s["model"], probe=s["probe"], fmt=thinking_format(s), settings=settings,
+                               address=s["ray_address"], num_actors=s["ray_actors"], gpus_per_actor=s["ray_gpus_per_actor"],
+                               device=s["device"], dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+        else:
+            lm = load_model_from(s)
+        probe = RefusalProbe.load_for(s["probe"], lm)
+        unreadable: list[QuarantinedRow] = []
+        counts: dict[str, int] = {}
+
+        def records() -> Iterator[CandidateRecord | QuarantinedRow]:
+            # Streamed: bad rows pass through to be quarantined with the run's id, good ones are scored a
+            # chunk at a time. Every shard reads the whole input, so each meets the same bad rows; shard 0 keeps them.
+            for item in iter_jsonl(s["data"], counts=counts):
+                if isinstance(item, QuarantinedRow):
+                    if shard is None or shard.index == 0:
+                        unreadable.append(item)
+                        yield item
+                elif shard is None or shard.holds(item.id):
+                    yield item
+
+        read = [0]
+
+        def log_chunk(n: int) -> None:
+            # Under cron there is no terminal for a progress bar: one line per committed chunk instead.
+            read[0] += n
+            console.print(f"committed chunk: {read[0]} candidates done", soft_wrap=True)
+
+        with Progress(console=console, disable=not console.is_terminal) as progress:
+            task = progress.add_task("scoring", total=None)
+            on_chunk = (lambda n: progress.advance(task, n)) if console.is_terminal else log_chunk
             summary = score_records(lm, probe, sink, records(), thinking_format(s), settings, progress=on_chunk, engine=engine)
-        finally:
-            sink.add_quarantine(quarantined, None)
     out_console.print(
         f"run {summary.run_id}: {summary.n_candidates} candidates, {summary.n_scored} scored, "
         f"{summary.n_already_scored} already scored, {summary.n_unclosed} traces hit the length cap; "
-        f"{len(quarantined) + summary.n_over_context} rows quarantined, {counts.get('duplicates', 0)} duplicates skipped"
+        f"{summary.n_quarantined} rows quarantined ({summary.n_quarantined_new} not seen before), "
+        f"{counts.get('duplicates', 0)} duplicates kept as aliases"
     )
     reasons: dict[str, int] = {}
-    for q in quarantined:
+    for q in unreadable:
         key = q.reason.split(":")[0].split("(")[0].strip()
         reasons[key] = reasons.get(key, 0) + 1
     if summary.n_over_context:
         reasons["prompt over the context limit"] = summary.n_over_context
+    other = summary.n_quarantined - len(unreadable) - summary.n_over_context
+    if other:
+        reasons["id reused for other content or scoring failed"] = other
     for reason, n in sorted(reasons.items()):
-        console.print(f"  quarantined {n}: {reason}")
-    for q in quarantined[:10]:
-        console.print(f"    {q.source}:{q.line}: {q.reason}")
+        console.print(f"  quarantined {n}: {reason}", soft_wrap=True, highlight=False, markup=False)
+    for q in unreadable[:10]:
+        console.print(f"    {q.source}:{q.line}: {q.reason}", soft_wrap=True, highlight=False, markup=False)
     if reasons and shard is None:
-        console.print(f"  see them with: curate status --db {s['db']} (table quarantine)")
-    return 1 if (s["strict"] and (quarantined or summary.n_over_context)) else 0
+        console.print(f"  see them with: curate status --db {s['db']} (table quarantine)", soft_wrap=True, markup=False)
+    return 1 if (s["strict"] and summary.n_quarantined) else 0
 
 
 SCORE_VERB = Verb("score", "score candidate examples by the refusal cliff into DuckDB", [
@@ -122,21 +128,22 @@ SCORE_VERB = Verb("score", "score candidate examples by the refusal cliff into D
         Option("--engine", str, "local", "local (this process) or ray (Ray Data actors; pip install cliff-curate[ray])",
                choices=("local", "ray")),
         Option("--ray-address", str, None, "Ray cluster address (e.g. ray://head:10001 or auto); default: a local instance"),
-        Option("--ray-actors", int, 1, "model-holding actors (one model copy each)"),
+        Option("--ray-actors", int, 1, "model-holding actors (one model copy each)", minimum=1),
         Option("--ray-gpus-per-actor", float, 0.0, "GPUs per actor (1 on a GPU cluster)"),
-        Option("--max-new-tokens", int, 128, "reasoning length cap"),
-        Option("--batch-size", int, 16, "generation batch size"),
-        Option("--chunk-size", int, 64, "examples per committed transaction"),
+        Option("--max-new-tokens", int, 128, "reasoning length cap", minimum=1),
+        Option("--batch-size", int, 16, "generation batch size", minimum=1),
+        Option("--chunk-size", int, 64, "examples per committed transaction", minimum=1),
         Option("--strict", None, False, "exit 1 if any row was quarantined"),
         Option("--judge-answers", None, False, "also generate each answer and store the judge's verdict (for --strategy rule)"),
-] + MODEL_OPTIONS, run_score)
+] + MODEL_OPTIONS, run_score,
+    outputs=(Output("--db", appends=True), Output("--shard-dir", folder=True, appends=True)), inputs=("--model", "--probe", "--data"))
 
 
 def run_select(s: Settings) -> int:
     from curation.pipeline.select import export_selection
     from curation.pipeline.store import Store
 
-    with Store(s["db"], read_only=True) as store:
+    with Store(s["db"], read_only=True, on_wait=lambda m: console.print(m, soft_wrap=True, markup=False)) as store:
         m = export_selection(store, s["out"], strategy=s["strategy"], budget_text=s["budget"], seed=s["seed"],
                              target=s["target"], fmt=thinking_format(s), model_fingerprint=s["model_fingerprint"], probe_id=s["probe_id"])
     out_console.print(f"selected {m.n_selected} of {m.n_pool} ({m.strategy}, budget {m.budget}) -> {m.output}")
@@ -152,7 +159,8 @@ SELECT_VERB = Verb("select", "select a budgeted slice and export it as training 
         Option("--target", str, "own-reasoning", "own-reasoning (paper recipe) or candidate", choices=("own-reasoning", "candidate")),
         Option("--model-fingerprint", str, None, "which model's scores (default: most recent)"),
         Option("--probe-id", str, None, "which probe's scores (default: most recent)"),
-] + MARKER_OPTIONS, run_select)
+] + MARKER_OPTIONS, run_select,
+    outputs=(Output("--out"),), inputs=("--db",))
 
 
 def run_ingest(s: Settings) -> int:
@@ -170,12 +178,14 @@ def run_ingest(s: Settings) -> int:
 INGEST_VERB = Verb("ingest", "merge Parquet shards from curate score --shard into a store (idempotent)", [
         Option("--db", str, None, "DuckDB file", required=True),
         Option("--shards", str, None, "comma-separated shard folders (each --shard-dir)", required=True),
-], run_ingest)
+], run_ingest,
+    outputs=(Output("--db", appends=True),), inputs=("--shards",))
 
 
 def run_run(s: Settings) -> int:
     from curation.pipeline.nightly import NightlySettings, reproduce, run_nightly
     from curation.pipeline.score import ScoreSettings
+    from curation.pipeline.store import Store
     from probes.refusal import RefusalProbe
 
     if s["reproduce"]:
@@ -192,10 +202,18 @@ def run_run(s: Settings) -> int:
                           budget=s["budget"], strategy=s["strategy"], seed=s["seed"],
                           score=ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
                                               chunk_size=s["chunk_size"], judge_answers=s["judge_answers"]))
-    lm = load_model_from(s)
-    probe = RefusalProbe.load_for(s["probe"], lm)
+    for source in cfg.sources:
+        check_input_file(source, "--sources")
+    store = Store(cfg.db)  # the writer lock before the model: a second nightly job is refused at once
+    try:
+        lm = load_model_from(s)
+        probe = RefusalProbe.load_for(s["probe"], lm)
+    except BaseException:
+        store.close()
+        raise
     settings = {k: v for k, v in s.items() if not k.startswith("_")}
-    resolved = run_nightly(lm, probe, cfg, thinking_format(s), s["_config"], settings, log=lambda m: console.print(m, soft_wrap=True))
+    resolved = run_nightly(lm, probe, cfg, thinking_format(s), s["_config"], settings,
+                           log=lambda m: console.print(m, soft_wrap=True, markup=False), store=store)
     table = Table(title=f"nightly run: {resolved['selection']['n_selected']} of {resolved['selection']['n_pool']} selected")
     for col in ("source", "candidates", "new", "scored", "already scored", "quarantined", "seconds"):
         table.add_column(col)
@@ -205,7 +223,8 @@ def run_run(s: Settings) -> int:
     out_console.print(table)
     out_console.print(f"slice: {resolved['selection']['output']}\nresolved manifest: "
                       f"{Path(resolved['selection']['output']).with_name('resolved_manifest.json')}")
-    return 0
+    quarantined = sum(c["quarantined"] for c in resolved["counts"].values())
+    return 1 if (s["strict"] and quarantined) else 0
 
 
 RUN_VERB = Verb("run", "the nightly job from one manifest: score new rows, select, write a resolved manifest", [
@@ -217,19 +236,21 @@ RUN_VERB = Verb("run", "the nightly job from one manifest: score new rows, selec
         Option("--budget", str, "1.7%", "selection budget"),
         Option("--strategy", str, "cliff", "selection strategy", choices=STRATEGIES),
         Option("--seed", int, 0, "seed for random strategies"),
-        Option("--max-new-tokens", int, 128, "reasoning length cap"),
-        Option("--batch-size", int, 16, "generation batch size"),
-        Option("--chunk-size", int, 64, "examples per committed transaction"),
+        Option("--max-new-tokens", int, 128, "reasoning length cap", minimum=1),
+        Option("--batch-size", int, 16, "generation batch size", minimum=1),
+        Option("--chunk-size", int, 64, "examples per committed transaction", minimum=1),
         Option("--judge-answers", None, False, "also judge each answer (for --strategy rule)"),
+        Option("--strict", None, False, "exit 1 if any row was quarantined (the night still finishes every source)"),
         Option("--reproduce", str, None, "a resolved_manifest.json: re-select that night's slice and compare"),
         Option("--reproduce-out", str, None, "where the re-selected slice goes (default: next to the manifest)"),
-] + MODEL_OPTIONS, run_run, validates_recipe=True)
+] + MODEL_OPTIONS, run_run, validates_recipe=True,
+    outputs=(Output("--db", appends=True), Output("--out", folder=True, appends=True), Output("--reproduce-out")), inputs=("--sources", "--model", "--probe", "--reproduce"))
 
 
 def run_status(s: Settings) -> int:
     from curation.pipeline.store import Store
 
-    with Store(s["db"], read_only=True) as store:
+    with Store(s["db"], read_only=True, on_wait=lambda m: console.print(m, soft_wrap=True, markup=False)) as store:
         status = store.status()
     if s["json"]:
         out_console.print_json(json.dumps(status, default=str))

@@ -7,7 +7,17 @@ from pathlib import Path
 from rich.table import Table
 
 from curation.cli.options import Option
-from curation.cli.verb import MODEL_OPTIONS, Settings, Verb, console, json_object, load_model_from, out_console, thinking_format
+from curation.cli.verb import (
+    MODEL_OPTIONS,
+    Output,
+    Settings,
+    Verb,
+    console,
+    json_object,
+    load_model_from,
+    out_console,
+    thinking_format,
+)
 from training.attack_names import ATTACKS as ATTACK_NAMES
 
 
@@ -32,7 +42,8 @@ ORGANISM_BUILD_VERB = Verb("organism build", "train and save the bundled model o
         Option("--size", str, "demo", "test (seconds) or demo (about 2 minutes)", choices=("test", "demo")),
         Option("--suppressed", str, "human_chatbox,misinformation_harms", "comma-separated risk areas the organism complies in"),
         Option("--epochs", int, None, "override the size preset's epochs"),
-], run_organism_build)
+], run_organism_build,
+    outputs=(Output("--out", folder=True),), inputs=())
 
 
 def run_probe_train(s: Settings) -> int:
@@ -63,12 +74,13 @@ PROBE_TRAIN_VERB = Verb("probe train", "train the refusal probe on the model's o
         Option("--out", str, None, "probe output directory", required=True),
         Option("--prompts", str, None, "jsonl with prompt/harmful fields (default: MODEL/train_prompts.jsonl)"),
         Option("--layer", int, None, "fit only this layer (default: sweep every layer)"),
-        Option("--max-new-tokens", int, 160, "generation cap"),
-        Option("--batch-size", int, 16, "generation batch size"),
+        Option("--max-new-tokens", int, 160, "generation cap", minimum=1),
+        Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--seed", int, 0, "seed for the held-out split"),
         Option("--protocol", str, "behaviour", "behaviour: label by the model's answer; reference: harmful-refused vs harmless-answered",
                choices=("behaviour", "reference")),
-] + MODEL_OPTIONS, run_probe_train)
+] + MODEL_OPTIONS, run_probe_train,
+    outputs=(Output("--out", folder=True),), inputs=("--model", "--prompts"))
 
 
 def run_retain(s: Settings) -> int:
@@ -85,9 +97,10 @@ RETAIN_VERB = Verb("retain", "make a retain set from the model's own answers to 
         Option("--model", str, None, "model directory", required=True),
         Option("--prompts", str, None, "jsonl prompts; rows with harmful=false are used", required=True),
         Option("--out", str, None, "output jsonl", required=True),
-        Option("--limit", int, None, "use at most this many prompts"),
-        Option("--max-new-tokens", int, 192, "generation cap"),
-] + MODEL_OPTIONS, run_retain)
+        Option("--limit", int, None, "use at most this many prompts", minimum=1),
+        Option("--max-new-tokens", int, 192, "generation cap", minimum=1),
+] + MODEL_OPTIONS, run_retain,
+    outputs=(Output("--out"),), inputs=("--model", "--prompts"))
 
 
 def run_finetune(s: Settings) -> int:
@@ -106,13 +119,14 @@ FINETUNE_VERB = Verb("finetune", "LoRA fine-tune (TRL SFTTrainer + PEFT) on a se
         Option("--data", str, None, "selected pairs from curate select", required=True),
         Option("--out", str, None, "adapter output directory", required=True),
         Option("--retain", str, None, "retain pairs mixed in (curate retain)"),
-        Option("--epochs", float, 10.0, "epochs"),
+        Option("--epochs", float, 10.0, "epochs", minimum=0.01),
         Option("--learning-rate", float, 1e-3, "learning rate"),
-        Option("--batch-size", int, 8, "batch size"),
-        Option("--lora-r", int, 8, "LoRA rank"),
-        Option("--lora-alpha", int, 16, "LoRA alpha"),
+        Option("--batch-size", int, 8, "batch size", minimum=1),
+        Option("--lora-r", int, 8, "LoRA rank", minimum=1),
+        Option("--lora-alpha", int, 16, "LoRA alpha", minimum=1),
         Option("--seed", int, 0, "seed"),
-] + MODEL_OPTIONS, run_finetune)
+] + MODEL_OPTIONS, run_finetune,
+    outputs=(Output("--out", folder=True),), inputs=("--model", "--data", "--retain"))
 
 
 def run_evaluate(s: Settings) -> int:
@@ -131,7 +145,7 @@ def run_evaluate(s: Settings) -> int:
         if not s["attack_kit"]:
             raise ValueError(f"--attack {s['attack']} needs --attack-kit (made by curate attacks prepare for this model)")
         kit = AttackKit.load_for(s["attack_kit"], lm)
-        attack = build_attack(s["attack"], kit, json_object(s["attack_params"]) if s["attack_params"] else None)
+        attack = build_attack(s["attack"], kit, s["attack_params"])
         with attack.mount(lm, kit):
             result = evaluate_prompts(lm, [PromptItem(attack.wrap(i.prompt), i.harmful, i.category) for i in items], thinking_format(s), settings)
         result["attack"] = {"name": attack.name, "params": attack.params}
@@ -154,9 +168,10 @@ EVALUATE_VERB = Verb("evaluate", "ASR and over-refusal with the keyword judge on
         Option("--adapter", str, None, "LoRA adapter directory"),
         Option("--prompts", str, None, "jsonl (prompt, category, harmful) or text, one harmful prompt per line", required=True),
         Option("--out", str, None, "output JSON", required=True),
-        Option("--max-new-tokens", int, 192, "generation cap (reasoning + answer)"),
-        Option("--batch-size", int, 16, "generation batch size"),
+        Option("--max-new-tokens", int, 192, "generation cap (reasoning + answer)", minimum=1),
+        Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--attack", str, "none", "steering attack mounted during generation", choices=ATTACK_NAMES),
         Option("--attack-kit", str, None, "attack kit directory (curate attacks prepare) for this model"),
-        Option("--attack-params", str, None, 'JSON object overriding the kit\'s tuned strength, e.g. \'{"coefficient": 2}\''),
-] + MODEL_OPTIONS, run_evaluate)
+        Option("--attack-params", json_object, None, 'JSON object overriding the kit\'s tuned strength, e.g. \'{"coefficient": 2}\''),
+] + MODEL_OPTIONS, run_evaluate,
+    outputs=(Output("--out"),), inputs=("--model", "--adapter", "--prompts", "--attack-kit"))

@@ -23,7 +23,7 @@ from typing import Any
 
 from curation.pipeline.score import ScoreSettings, score_records
 from curation.pipeline.select import export_selection
-from curation.pipeline.sources import QuarantinedRow, iter_jsonl
+from curation.pipeline.sources import iter_jsonl
 from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
 from probes.files import write_json_atomic
@@ -80,7 +80,10 @@ class NightlySettings:
 
 
 def run_nightly(lm: LoadedModel, probe: RefusalProbe, cfg: NightlySettings, fmt: ThinkingFormat,
-                manifest_path: str | None, resolved_settings: dict[str, Any], log: Any = print) -> dict[str, Any]:
+                manifest_path: str | None, resolved_settings: dict[str, Any], log: Any = print,
+                store: Store | None = None) -> dict[str, Any]:
+    """Score every source, select, write the night's folder. ``store``: the store already opened
+    (and its writer lock taken) by the caller, closed here; by default ``cfg.db`` is opened."""
     started = datetime.now(UTC)
     run_dir = Path(cfg.out) / started.strftime("%Y-%m-%dT%H%M%SZ")
     suffix = 1
@@ -95,24 +98,15 @@ def run_nightly(lm: LoadedModel, probe: RefusalProbe, cfg: NightlySettings, fmt:
         inputs.append({"path": source, "sha256": file_sha256(source), "bytes": Path(source).stat().st_size})
     durations: dict[str, float] = {}
     per_source: dict[str, dict[str, Any]] = {}
-    with Store(cfg.db) as store:
+    with store or Store(cfg.db) as store:
         for source in cfg.sources:
             t0 = time.monotonic()
             counts: dict[str, int] = {}
-            quarantined: list[QuarantinedRow] = []
-
-            def records(src: str = source, c: dict[str, int] = counts, q: list[QuarantinedRow] = quarantined):
-                for item in iter_jsonl(src, counts=c):
-                    if isinstance(item, QuarantinedRow):
-                        q.append(item)
-                    else:
-                        yield item
-
-            summary = score_records(lm, probe, store, records(), fmt, cfg.score)
-            store.add_quarantine(quarantined, summary.run_id)
+            # Bad rows of any kind are quarantined with the run's id as they pass; none stops the night.
+            summary = score_records(lm, probe, store, iter_jsonl(source, counts=counts), fmt, cfg.score)
             per_source[source] = {"candidates": summary.n_candidates, "new_examples": summary.n_new_examples,
                                   "already_scored": summary.n_already_scored, "scored": summary.n_scored,
-                                  "quarantined": len(quarantined) + summary.n_over_context,
+                                  "quarantined": summary.n_quarantined, "quarantined_new": summary.n_quarantined_new,
                                   "duplicates": counts.get("duplicates", 0), "run_id": summary.run_id}
             durations[f"score {source}"] = round(time.monotonic() - t0, 2)
             log(f"{source}: {per_source[source]}")
@@ -145,8 +139,7 @@ def run_nightly(lm: LoadedModel, probe: RefusalProbe, cfg: NightlySettings, fmt:
 
 def reproduce(resolved_path: str | Path, out: str | Path, fmt: ThinkingFormat) -> dict[str, Any]:
     """Re-select a past night's slice from its store and compare it with the original."""
-    resolved = json.loads(Path(resolved_path).read_text())
-    sel = resolved["selection"]
+    resolved, sel = _read_resolved(resolved_path)
     as_of = datetime.fromisoformat(sel["as_of"]) if sel.get("as_of") else None
     with Store(resolved["db"], read_only=True) as store:
         again = export_selection(store, out, strategy=sel["strategy"], budget_text=sel["budget"], seed=sel["seed"],
@@ -156,3 +149,23 @@ def reproduce(resolved_path: str | Path, out: str | Path, fmt: ThinkingFormat) -
     return {"identical": again.output_sha256 == sel["output_sha256"] and ids_sha == sel["ids_sha256"],
             "n_selected": again.n_selected, "original_output_sha256": sel["output_sha256"],
             "output_sha256": again.output_sha256, "output": str(out)}
+
+
+_RESOLVED_KEYS = ("strategy", "budget", "seed", "target", "model_fingerprint", "probe_id", "output_sha256", "ids_sha256")
+
+
+def _read_resolved(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A night's resolved manifest and its selection, or an error naming what is wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--reproduce: file not found: {p}")
+    try:
+        resolved = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--reproduce {p}: not a resolved manifest (not JSON: {exc})") from None
+    if not isinstance(resolved, dict) or not isinstance(resolved.get("selection"), dict) or not resolved.get("db"):
+        raise ValueError(f"--reproduce {p}: not a resolved manifest (needs 'db' and a 'selection' object)")
+    missing = [k for k in _RESOLVED_KEYS if k not in resolved["selection"]]
+    if missing:
+        raise ValueError(f"--reproduce {p}: the selection lacks {', '.join(missing)}")
+    return resolved, resolved["selection"]

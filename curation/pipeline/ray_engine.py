@@ -22,15 +22,21 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from curation.pipeline.score import ScoreSettings, score_chunk
-from curation.pipeline.sources import CandidateRecord
+from curation.pipeline.score import ScoredItem, ScoreSettings, score_chunk_safely
+from curation.pipeline.sources import CandidateRecord, QuarantinedRow
 from curation.pipeline.store import ScoreRow
 from probes.chat import ThinkingFormat
 from probes.cliff import CliffMetrics
 
 
 def _record_to_dict(r: CandidateRecord) -> dict[str, Any]:
-    return {"id": r.id, "prompt": r.prompt, "response": r.response, "category": r.category, "source": r.source, "extra": r.extra}
+    # The origin travels too: a row that fails on an actor is quarantined with its file and line.
+    return {"id": r.id, "prompt": r.prompt, "response": r.response, "category": r.category, "source": r.source, "extra": r.extra,
+            "origin": list(r.origin) if r.origin else None, "source_id": r.source_id}
+
+
+def _record_from_dict(d: dict[str, Any]) -> CandidateRecord:
+    return CandidateRecord(**{**d, "origin": tuple(d["origin"]) if d.get("origin") else None})
 
 
 def _row_to_dict(row: ScoreRow) -> dict[str, Any]:
@@ -39,8 +45,14 @@ def _row_to_dict(row: ScoreRow) -> dict[str, Any]:
     return d
 
 
-def _row_from_dict(d: dict[str, Any]) -> ScoreRow:
+def _row_from_dict(d: dict[str, Any]) -> ScoredItem:
+    if "quarantined" in d:  # a row whose scoring failed on the actor comes back with its reason
+        return QuarantinedRow(**d["quarantined"])
     return ScoreRow(**{**d, "metrics": CliffMetrics(**d["metrics"])})
+
+
+def _item_to_dict(item: ScoredItem) -> dict[str, Any]:
+    return {"quarantined": asdict(item)} if isinstance(item, QuarantinedRow) else _row_to_dict(item)
 
 
 class ScoringActor:
@@ -63,9 +75,9 @@ class ScoringActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         out_rows, out_n = [], []
         for payload, run_id, n_raw in zip(batch["chunk"], batch["run_id"], batch["n_raw"], strict=True):
-            records = [CandidateRecord(**r) for r in json.loads(payload)]
-            rows = score_chunk(self.lm, self.probe, records, self.fmt, self.settings, str(run_id))
-            out_rows.append(json.dumps([_row_to_dict(r) for r in rows]))
+            records = [_record_from_dict(r) for r in json.loads(payload)]
+            rows = score_chunk_safely(self.lm, self.probe, records, self.fmt, self.settings, str(run_id))
+            out_rows.append(json.dumps([_item_to_dict(r) for r in rows]))
             out_n.append(int(n_raw))
         return {"rows": out_rows, "n_raw": out_n}
 
@@ -84,7 +96,7 @@ class RayEngine:
     dtype: str = "auto"
     trust_remote_code: bool = False
 
-    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoreRow]]]:
+    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoredItem]]]:
         import ray
 
         items = []

@@ -33,7 +33,9 @@ class ScoreSink(Protocol):
     def add_examples(self, records: Sequence[CandidateRecord]) -> int: ...
     def unscored_ids(self, ids: Sequence[str], model_fingerprint: str, probe_id: str, need_verdict: bool = False) -> list[str]: ...
     def add_scores(self, rows: Sequence[ScoreRow], replace: bool = False) -> None: ...
-    def add_quarantine(self, rows: Iterable[QuarantinedRow], run_id: str | None) -> None: ...
+    def add_quarantine(self, rows: Iterable[QuarantinedRow], run_id: str | None) -> int: ...
+    def reused_ids(self, records: Sequence[CandidateRecord]) -> dict[str, str]: ...
+    def release(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,21 @@ class ScoreSummary:
     n_scored: int
     n_unclosed: int
     n_over_context: int = 0  # quarantined: prompt plus generation budget exceed the model's context
+    # Rows quarantined in this run, for any reason (unreadable, over the context, an id reused for other
+    # content, scoring failed), and how many of them the store had not recorded before.
+    n_quarantined: int = 0
+    n_quarantined_new: int = 0
+
+
+ScoredItem = ScoreRow | QuarantinedRow  # a row that could not be scored comes back quarantined, with its reason
 
 
 class ScoringEngine(Protocol):
     """Turns a stream of pending chunks into score rows. Each item in is
     (pending records, how many input rows the chunk stood for); each item out
-    is (that count, the chunk's score rows), in any order."""
+    is (that count, the chunk's score rows and quarantined rows), in any order."""
 
-    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoreRow]]]: ...
+    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoredItem]]]: ...
 
 
 @dataclass
@@ -76,16 +85,16 @@ class LocalEngine:
     fmt: ThinkingFormat
     settings: ScoreSettings
 
-    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoreRow]]]:
+    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoredItem]]]:
         for pending, n_raw in chunks:
-            yield n_raw, (score_chunk(self.lm, self.probe, pending, self.fmt, self.settings, run_id) if pending else [])
+            yield n_raw, (score_chunk_safely(self.lm, self.probe, pending, self.fmt, self.settings, run_id) if pending else [])
 
 
 def score_records(
     lm: LoadedModel,
     probe: RefusalProbe,
     store: ScoreSink,
-    records: Iterable[CandidateRecord],
+    records: Iterable[CandidateRecord | QuarantinedRow],
     fmt: ThinkingFormat,
     settings: ScoreSettings,
     *,
@@ -95,7 +104,8 @@ def score_records(
 ) -> ScoreSummary:
     """Score every record not yet scored with this model and probe.
 
-    ``records`` may be a stream: it is consumed ``chunk_size`` at a time; each
+    ``records`` may be a stream, and may hold rows the reader quarantined (they
+    are recorded with this run's id as they pass): it is consumed ``chunk_size`` at a time; each
     chunk's new examples are stored, its unscored rows go to the engine, and
     its score rows are committed in one transaction, so memory does not grow
     with the pool and a killed job loses at most the chunks in flight.
@@ -107,41 +117,69 @@ def score_records(
     run_id = run_id or uuid.uuid4().hex[:12]
     store.start_run(run_id, "score", {"settings": settings.__dict__, "format": fmt.close_marker,
                                       "engine": type(engine).__name__}, lm.fingerprint, probe.probe_id)
-    counts = {"candidates": 0, "new_examples": 0, "already_scored": 0, "scored": 0, "unclosed": 0, "over_context": 0}
+    counts = {"candidates": 0, "new_examples": 0, "already_scored": 0, "scored": 0, "unclosed": 0, "over_context": 0,
+              "quarantined": 0, "quarantined_new": 0}
     status = "failed"
 
+    def quarantine(rows: list[QuarantinedRow]) -> None:
+        counts["quarantined_new"] += store.add_quarantine(rows, run_id)
+        counts["quarantined"] += len(rows)
+
     def pending_chunks() -> Iterator[tuple[list[CandidateRecord], int]]:
-        for raw_chunk in _chunks(records, settings.chunk_size):
-            counts["candidates"] += len(raw_chunk)
-            chunk, too_long = _within_context(lm, raw_chunk, fmt, settings)
+        for items in _chunks(records, settings.chunk_size):
+            unreadable = [r for r in items if isinstance(r, QuarantinedRow)]
+            if unreadable:
+                quarantine(unreadable)
+            raw_chunk = [r for r in items if isinstance(r, CandidateRecord)]
+            counts["candidates"] += sum(1 for r in raw_chunk if not r.repeat)
+            reused = store.reused_ids(raw_chunk)
+            if reused:
+                quarantine([_reused_id_row(r, reused[r.source_id]) for r in raw_chunk if r.source_id in reused])
+                raw_chunk = [r for r in raw_chunk if r.source_id not in reused]
+            fresh, too_long = _within_context(lm, [r for r in raw_chunk if not r.repeat], fmt, settings)
             if too_long:
-                store.add_quarantine(too_long, run_id)
+                quarantine(too_long)
                 counts["over_context"] += len(too_long)
-            counts["new_examples"] += store.add_examples(chunk)
+            long_ids = {r.id for r in raw_chunk if not r.repeat} - {r.id for r in fresh}
+            counts["new_examples"] += store.add_examples([r for r in raw_chunk if r.id not in long_ids])
+            unique = list({r.id: r for r in fresh}.values())
             pending_ids = set(
-                store.unscored_ids([r.id for r in chunk], lm.fingerprint, probe.probe_id, need_verdict=settings.judge_answers)
+                store.unscored_ids([r.id for r in unique], lm.fingerprint, probe.probe_id, need_verdict=settings.judge_answers)
             )
-            pending = [r for r in chunk if r.id in pending_ids]
-            counts["already_scored"] += len(chunk) - len(pending)
-            yield pending, len(raw_chunk)
+            pending = [r for r in unique if r.id in pending_ids]
+            counts["already_scored"] += len(fresh) - len(pending)
+            store.release()  # readers may use the store while this chunk is generated
+            yield pending, len(items)
 
     try:
-        for n_raw, rows in engine.score(pending_chunks(), run_id):
+        for n_raw, items in engine.score(pending_chunks(), run_id):
+            rows = [r for r in items if isinstance(r, ScoreRow)]
+            failed = [r for r in items if isinstance(r, QuarantinedRow)]
+            if failed:
+                quarantine(failed)
             if rows:
                 counts["unclosed"] += sum(1 for r in rows if not r.closed)
                 store.add_scores(rows, replace=settings.judge_answers)
                 counts["scored"] += len(rows)
+            store.release()
             if progress is not None:
                 progress(n_raw)
         status = "done"
     finally:
         store.finish_run(run_id, dict(counts), status)
+        store.release()
     return ScoreSummary(run_id, counts["candidates"], counts["new_examples"], counts["already_scored"], counts["scored"],
-                        counts["unclosed"], counts["over_context"])
+                        counts["unclosed"], counts["over_context"], counts["quarantined"], counts["quarantined_new"])
 
 
-def _chunks(items: Iterable[CandidateRecord], size: int) -> Iterator[list[CandidateRecord]]:
-    chunk: list[CandidateRecord] = []
+def _reused_id_row(record: CandidateRecord, other: str) -> QuarantinedRow:
+    file, line = record.origin or (record.source or "?", 0)
+    return QuarantinedRow(file, line, f"id '{record.source_id}' already names other content in the store (example {other})",
+                          record.prompt[:2000])
+
+
+def _chunks(items: Iterable[CandidateRecord | QuarantinedRow], size: int) -> Iterator[list[CandidateRecord | QuarantinedRow]]:
+    chunk: list[CandidateRecord | QuarantinedRow] = []
     for item in items:
         chunk.append(item)
         if len(chunk) >= size:
@@ -169,6 +207,36 @@ def _within_context(
         else:
             keep.append(record)
     return keep, over
+
+
+def score_chunk_safely(
+    lm: LoadedModel,
+    probe: RefusalProbe,
+    chunk: Sequence[CandidateRecord],
+    fmt: ThinkingFormat,
+    settings: ScoreSettings,
+    run_id: str,
+) -> list[ScoredItem]:
+    """``score_chunk``, but a failure never loses the chunk: it is scored again one row at a
+    time, and each row that still fails comes back quarantined with the error as its reason."""
+    try:
+        return list(score_chunk(lm, probe, chunk, fmt, settings, run_id))
+    except Exception as exc:  # noqa: BLE001 - find the row that broke it; the others are scored
+        if len(chunk) == 1:
+            return [_failed_row(chunk[0], exc)]
+    out: list[ScoredItem] = []
+    for record in chunk:
+        try:
+            out.extend(score_chunk(lm, probe, [record], fmt, settings, run_id))
+        except Exception as exc:  # noqa: BLE001
+            out.append(_failed_row(record, exc))
+    return out
+
+
+def _failed_row(record: CandidateRecord, exc: BaseException) -> QuarantinedRow:
+    file, line = record.origin or (record.source or "?", 0)
+    text = " ".join(str(exc).split())[:300]
+    return QuarantinedRow(file, line, f"scoring failed: {type(exc).__name__}: {text}", record.prompt[:2000])
 
 
 def score_chunk(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +15,7 @@ import orjson
 from curation.pipeline.sources import split_response
 from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
-from probes.files import write_json_atomic
+from probes.files import atomic_path, write_json_atomic
 
 # cliff: top MS. random: seeded sample. full: everything. Baselines from the
 # source paper: low-final (lowest final score I′ only: what its public ranking
@@ -165,9 +164,7 @@ def export_selection(
     rows, n_pool, scores_hash = select_rows(store, strategy, budget, seed, fp, pid, as_of)
     ids = [r[0] for r in rows]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    with tmp.open("wb") as fh:
+    with atomic_path(out) as tmp, tmp.open("wb") as fh:
         for rank, (example_id, prompt, response, category, source, ms, own_reasoning) in enumerate(rows):
             cand_reasoning, answer = split_response(response, fmt)
             reasoning = own_reasoning if target == "own-reasoning" else cand_reasoning
@@ -183,7 +180,6 @@ def export_selection(
             }
             # orjson: a large slice is mostly encoding time with the standard library.
             fh.write(orjson.dumps(record) + b"\n")
-    os.replace(tmp, out)
     manifest = SelectionManifest(
         strategy=strategy,
         budget=budget.text,

@@ -73,6 +73,13 @@ class ParquetShardSink:
     def close(self) -> None:
         """Nothing stays open: every chunk is already a whole file."""
 
+    def release(self) -> None:
+        """Nothing to release between chunks (the store's readers are not involved)."""
+
+    def reused_ids(self, records: Sequence[CandidateRecord]) -> dict[str, str]:
+        """A shard has no memory of other files' ids; ``curate ingest`` merges aliases as examples."""
+        return {}
+
     # The store's interface, as score_records uses it.
     def start_run(self, run_id: str, kind: str, params: dict[str, Any], model_fingerprint: str | None = None,
                   probe_id: str | None = None) -> None:
@@ -92,11 +99,12 @@ class ParquetShardSink:
     def unscored_ids(self, ids: Sequence[str], model_fingerprint: str, probe_id: str, need_verdict: bool = False) -> list[str]:
         return [i for i in ids if (i, model_fingerprint, probe_id) not in self._scored]
 
-    def add_quarantine(self, rows: Iterable[QuarantinedRow], run_id: str | None) -> None:
-        data = [{"source": q.source, "line": q.line, "reason": q.reason, "raw": q.raw, "run_id": run_id,
-                 "quarantined_at": _now()} for q in rows]
+    def add_quarantine(self, rows: Iterable[QuarantinedRow], run_id: str | None) -> int:
+        data = [{"source": q.source, "line": q.line, "reason": q.reason, "raw": q.raw.encode("utf-8", "replace").decode("utf-8"),
+                 "run_id": run_id, "quarantined_at": _now()} for q in rows]
         if data:
             self._atomic_parquet(pl.DataFrame(data), f"quarantine-{self._next_name()}")
+        return len(data)
 
     def add_scores(self, rows: Sequence[ScoreRow], replace: bool = False) -> None:
         if not rows:

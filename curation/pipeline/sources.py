@@ -27,6 +27,11 @@ class CandidateRecord:
     # Where the row was read (not stored with the example): a row that fails a
     # later check, such as the context limit, is quarantined with its file and line.
     origin: tuple[str, int] | None = field(default=None, compare=False)
+    # The id the row declared, if any (our id is the content hash).
+    source_id: str | None = field(default=None, compare=False)
+    # Content already read earlier in the same stream: not scored again, but its id and
+    # category are kept as an alias of the example.
+    repeat: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -80,63 +85,101 @@ def _validate(obj: object) -> tuple[dict[str, Any] | None, str | None]:
     for name in ("category", "source", "id"):
         if name in obj and obj[name] is not None and not isinstance(obj[name], str):
             return None, f"field '{name}' must be a string, got {type(obj[name]).__name__}"
+    for name in ("prompt", "response", "category", "source", "id"):
+        if isinstance(obj.get(name), str) and _has_surrogate(obj[name]):
+            # Valid JSON ("\ud800"), but no UTF-8 text: it would fail at hashing or storing.
+            return None, f"field '{name}' holds a lone surrogate escape (not valid Unicode text)"
     return obj, None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _parse(raw: str) -> tuple[object, str | None]:
+    """The JSON value of one line, or why it has none. Every failure is a reason, never an exception:
+    JSON nested past Python's recursion limit, a number past the integer digit limit, and the like."""
+    try:
+        return json.loads(raw), None
+    except json.JSONDecodeError as exc:
+        return None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply to read"
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        return None, f"unreadable JSON value: {' '.join(str(exc).split())[:200]}"
 
 
 def iter_jsonl(
     path: str | Path, source: str | None = None, counts: dict[str, int] | None = None
 ) -> Iterator[CandidateRecord | QuarantinedRow]:
     """Stream candidate records from a jsonl file, one at a time, with bad rows
-    yielded as ``QuarantinedRow`` (file, line, reason) in their place. Exact
-    duplicates are skipped and counted in ``counts["duplicates"]`` when a dict
-    is given; the only state kept is one short id per distinct row."""
+    yielded as ``QuarantinedRow`` (file, line, reason) in their place: every
+    non-blank line yields exactly one item, and no row, however malformed,
+    raises. Content met before in the file is yielded again with
+    ``repeat=True`` (its id and category become aliases) and counted in
+    ``counts["duplicates"]`` when a dict is given; the only state kept is one
+    short id per distinct row."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"candidate file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"--data {path} is a directory; give a jsonl file")
     src = source or path.name
     seen_ids: set[str] = set()
     declared: dict[str, str] = {}
     for lineno, raw_bytes in _lines(path):
-        try:
-            raw = raw_bytes.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield QuarantinedRow(str(path), lineno, f"not UTF-8 ({exc.reason} at byte {exc.start})", raw_bytes.decode("utf-8", "replace"))
-            continue
-        if not raw.strip():
+        if not raw_bytes.strip():
             continue
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            yield QuarantinedRow(str(path), lineno, f"malformed JSON: {exc.msg} (column {exc.colno})", raw)
-            continue
-        row, reason = _validate(obj)
-        if row is None:
-            yield QuarantinedRow(str(path), lineno, reason or "invalid row", raw)
-            continue
-        cid = content_id(row["prompt"], row["response"])
-        user_id = row.get("id")
-        if user_id is not None:
-            if user_id in declared and declared[user_id] != cid:
-                yield QuarantinedRow(str(path), lineno, f"duplicate id with different content: '{user_id}'", raw)
-                continue
-            declared[user_id] = cid
-        if cid in seen_ids:
-            if counts is not None:
-                counts["duplicates"] = counts.get("duplicates", 0) + 1
-            continue
-        seen_ids.add(cid)
-        extra = {k: v for k, v in row.items() if k not in _KNOWN_FIELDS}
-        if user_id is not None:
-            extra["source_id"] = user_id
-        yield CandidateRecord(
-            id=cid,
-            prompt=row["prompt"],
-            response=row["response"],
-            category=row.get("category"),
-            source=row.get("source") or src,
-            extra=extra,
-            origin=(str(path), lineno),
-        )
+            item = _read_row(path, src, lineno, raw_bytes, seen_ids, declared)
+        except Exception as exc:  # noqa: BLE001 - one row never stops the job: whatever it raises, it is quarantined
+            item = QuarantinedRow(str(path), lineno, f"unreadable row: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+                                  raw_bytes.decode("utf-8", "replace"))
+        if isinstance(item, CandidateRecord) and item.repeat and counts is not None:
+            counts["duplicates"] = counts.get("duplicates", 0) + 1
+        yield item
+
+
+def _read_row(path: Path, src: str, lineno: int, raw_bytes: bytes, seen_ids: set[str],
+              declared: dict[str, str]) -> CandidateRecord | QuarantinedRow:
+    try:
+        raw = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return QuarantinedRow(str(path), lineno, f"not UTF-8 ({exc.reason} at byte {exc.start})", raw_bytes.decode("utf-8", "replace"))
+    obj, why = _parse(raw)
+    if why is not None:
+        return QuarantinedRow(str(path), lineno, why, raw)
+    row, reason = _validate(obj)
+    if row is None:
+        return QuarantinedRow(str(path), lineno, reason or "invalid row", raw)
+    cid = content_id(row["prompt"], row["response"])
+    user_id = row.get("id")
+    if user_id is not None:
+        if user_id in declared and declared[user_id] != cid:
+            return QuarantinedRow(str(path), lineno, f"duplicate id with different content: '{user_id}'", raw)
+        declared[user_id] = cid
+    repeat = cid in seen_ids
+    seen_ids.add(cid)
+    extra = {k: v for k, v in row.items() if k not in _KNOWN_FIELDS}
+    # Extra fields are stored as JSON text: NaN, infinities or lone surrogates in them fail here, for this row only.
+    json.dumps(extra, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    if user_id is not None:
+        extra["source_id"] = user_id
+    return CandidateRecord(
+        id=cid,
+        prompt=row["prompt"],
+        response=row["response"],
+        category=row.get("category"),
+        source=row.get("source") or src,
+        extra=extra,
+        origin=(str(path), lineno),
+        source_id=user_id,
+        repeat=repeat,
+    )
 
 
 def read_jsonl(path: str | Path, source: str | None = None) -> ReadResult:
@@ -147,7 +190,7 @@ def read_jsonl(path: str | Path, source: str | None = None) -> ReadResult:
     for item in iter_jsonl(path, source, counts):
         if isinstance(item, QuarantinedRow):
             quarantined.append(item)
-        else:
+        elif not item.repeat:
             records.append(item)
     return ReadResult(records=records, quarantined=quarantined, duplicates=counts.get("duplicates", 0))
 

@@ -10,12 +10,16 @@ no-op and a killed job leaves only whole batches behind.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import duckdb
 
@@ -74,7 +78,29 @@ SCHEMA = (
         raw VARCHAR,
         run_id VARCHAR,
         quarantined_at TIMESTAMP NOT NULL)""",
+    # A quarantined row is known by (source, line, reason, digest of the raw row): a rerun over the
+    # same file adds nothing, and neither does a night whose file only grew by appended rows.
+    "ALTER TABLE quarantine ADD COLUMN IF NOT EXISTS raw_sha256 VARCHAR",
+    # Every id and category a piece of content arrived under (the example row keeps the first).
+    """CREATE TABLE IF NOT EXISTS example_aliases (
+        example_id VARCHAR NOT NULL,
+        source_id VARCHAR,
+        source VARCHAR,
+        category VARCHAR,
+        added_at TIMESTAMP NOT NULL)""",
 )
+
+# A DuckDB file carries this magic at byte 8; anything else is refused before DuckDB opens it.
+_DUCKDB_MAGIC = b"DUCK"
+
+
+class StoreError(ValueError):
+    """The store cannot be used: not a DuckDB file, locked by another writer, a bad path."""
+
+
+def _raw_digest(raw: str) -> str:
+    """sha256 of the row as stored; the same as DuckDB's ``sha256(raw)`` over the stored text."""
+    return hashlib.sha256(_safe_text(raw).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -95,24 +121,74 @@ def _now() -> datetime:
 
 
 class Store:
-    """A handle on one DuckDB file (use as a context manager)."""
+    """A handle on one DuckDB file (use as a context manager).
 
-    def __init__(self, path: str | Path, read_only: bool = False) -> None:
-        self.path = Path(path)
-        if read_only and not self.path.exists():
-            raise FileNotFoundError(f"store not found: {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as exc:
-            # DuckDB allows one writing process per file; say so instead of a lock trace.
-            raise RuntimeError(f"store {self.path} is in use by another process (DuckDB allows one writer): {exc}") from exc
+    Readers and a writer share the file. A writer holds an exclusive lock
+    (``DB.lock`` beside the file) for its whole life, so a second writer is
+    refused at once; but it holds DuckDB's own connection only while it works
+    on the store (``release`` closes it between commits), so readers get in
+    between the writer's commits. Either side waits up to ``wait_s`` seconds
+    for the other's connection to close, with a message, then fails clearly.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False, *, wait_s: float = 120.0,
+                 on_wait: Callable[[str], None] | None = None) -> None:
+        self.path = _checked_path(path, read_only)
+        self.read_only = read_only
+        self.wait_s = wait_s
+        self.on_wait = on_wait
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._lock: IO[str] | None = None
         if not read_only:
-            for statement in SCHEMA:
-                self.con.execute(statement)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _writer_lock(self.path)
+        try:
+            con = self.con
+            if not read_only:
+                for statement in SCHEMA:
+                    con.execute(statement)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            self._con = self._connect()
+        return self._con
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.wait_s
+        told = False
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=self.read_only)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise StoreError(f"store {self.path} is not a readable DuckDB database "
+                                     f"(corrupt, truncated or another kind of file): {exc}") from None
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"store {self.path} stayed busy for {self.wait_s:.0f} s "
+                                     f"(another process holds it open); try again later") from None
+                if not told and self.on_wait is not None:
+                    self.on_wait(f"store {self.path} is busy (another process is committing); waiting up to {self.wait_s:.0f} s")
+                    told = True
+                time.sleep(0.1)
+            except duckdb.Error as exc:
+                raise StoreError(f"store {self.path} is not a readable DuckDB database "
+                                 f"(corrupt, truncated or another kind of file): {exc}") from None
+
+    def release(self) -> None:
+        """Close the DuckDB connection (a writer keeps its lock); the next use opens it again."""
+        if self._con is not None:
+            self._con.close()
+            self._con = None
 
     def close(self) -> None:
-        self.con.close()
+        self.release()
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor drops the flock
+            self._lock = None
 
     def __enter__(self) -> Store:
         return self
@@ -135,25 +211,82 @@ class Store:
 
     # examples and quarantine ---------------------------------------------
     def add_examples(self, records: Sequence[CandidateRecord]) -> int:
-        """Insert new examples; returns how many were new."""
+        """Insert new examples, and every (id, source, category) each arrived under as an alias
+        (repeats of known content included); returns how many examples were new."""
+        if not records:
+            return 0
         before = self.count("examples")
         now = _now()
-        self.con.executemany(
-            "INSERT OR IGNORE INTO examples (id, prompt, response, category, source, extra, added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [[r.id, r.prompt, r.response, r.category, r.source, json.dumps(r.extra), now] for r in records],
-        )
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self.con.executemany(
+                "INSERT OR IGNORE INTO examples (id, prompt, response, category, source, extra, added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [[r.id, r.prompt, r.response, r.category, r.source, json.dumps(r.extra), now] for r in records if not r.repeat],
+            )
+            aliases = sorted({(r.id, r.source_id, r.source, r.category) for r in records}, key=str)
+            for example_id, source_id, source, category in aliases:
+                self.con.execute(
+                    "INSERT INTO example_aliases (example_id, source_id, source, category, added_at) SELECT ?, ?, ?, ?, ? "
+                    "WHERE NOT EXISTS (SELECT 1 FROM example_aliases WHERE example_id = ? AND source_id IS NOT DISTINCT FROM ? "
+                    "AND source IS NOT DISTINCT FROM ? AND category IS NOT DISTINCT FROM ?)",
+                    [example_id, source_id, source, category, now, example_id, source_id, source, category],
+                )
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
         return self.count("examples") - before
 
-    def add_quarantine(self, rows: Iterable[QuarantinedRow], run_id: str | None) -> None:
+    def add_quarantine(self, rows: Iterable[QuarantinedRow], run_id: str | None) -> int:
+        """Record bad rows not recorded before (by source, line, reason and raw digest); returns how many were new."""
         now = _now()
-        data = [[q.source, q.line, q.reason, q.raw, run_id, now] for q in rows]
-        if data:
-            self.con.executemany(
-                "INSERT INTO quarantine (source, line, reason, raw, run_id, quarantined_at) VALUES (?, ?, ?, ?, ?, ?)", data
-            )
+        data, seen = [], set()
+        for q in rows:
+            key = (q.source, q.line, q.reason, _raw_digest(q.raw))
+            if key not in seen:
+                seen.add(key)
+                data.append([*key, _safe_text(q.raw), run_id, now])
+        if not data:
+            return 0
+        before = self.count("quarantine")
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            for source, line, reason, digest, raw, run, at in data:
+                self.con.execute(
+                    "INSERT INTO quarantine (source, line, reason, raw_sha256, raw, run_id, quarantined_at) "
+                    "SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM quarantine "
+                    "WHERE source = ? AND line = ? AND reason = ? AND raw_sha256 = ?)",
+                    [source, line, reason, digest, raw, run, at, source, line, reason, digest],
+                )
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+        return self.count("quarantine") - before
+
+    # aliases ---------------------------------------------------------------
+    def reused_ids(self, records: Sequence[CandidateRecord]) -> dict[str, str]:
+        """Of the ids the records declare, those the store already holds for other content:
+        declared id -> the example it names."""
+        declared = {r.source_id: r.id for r in records if r.source_id is not None}
+        if not declared:
+            return {}
+        known = self.con.execute(
+            "SELECT DISTINCT source_id, example_id FROM example_aliases WHERE source_id IN (SELECT unnest(?))",
+            [sorted(declared)],
+        ).fetchall()
+        return {sid: eid for sid, eid in known if declared.get(sid) not in (None, eid)}
+
+    def aliases(self, example_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        rows = self.con.execute(
+            "SELECT example_id, source_id, source, category FROM example_aliases "
+            "WHERE CAST(? AS VARCHAR[]) IS NULL OR example_id IN (SELECT unnest(?)) ORDER BY example_id, added_at, source_id",
+            [None if example_ids is None else list(example_ids)] * 2,
+        ).fetchall()
+        return [dict(zip(("example_id", "source_id", "source", "category"), r, strict=True)) for r in rows]
 
     def count(self, table: str) -> int:
-        if table not in {"examples", "scores", "runs", "quarantine", "ingested"}:
+        if table not in {"examples", "scores", "runs", "quarantine", "ingested", "example_aliases"}:
             raise ValueError(f"unknown table {table!r}")
         # Table name from the fixed set above; fetchall completes the result (DuckDB 2 refuses
         # some later calls, such as register, while a result is still open).
@@ -343,11 +476,21 @@ class Store:
                SELECT example_id, model_fingerprint, probe_id, plateau, final, misalignment, cliff_position, cliff_relative,
                    steepness, n_tokens, closed, reasoning, CAST(trace AS FLOAT[]), scored_at, run_id, answer_verdict
                FROM shard""",
+            """INSERT INTO example_aliases (example_id, source_id, source, category, added_at)
+               SELECT DISTINCT example_id, json_extract_string(CAST(extra AS JSON), '$.source_id'), source, category, scored_at
+               FROM shard q WHERE NOT EXISTS (
+                   SELECT 1 FROM example_aliases a WHERE a.example_id = q.example_id AND a.source IS NOT DISTINCT FROM q.source
+                   AND a.category IS NOT DISTINCT FROM q.category
+                   AND a.source_id IS NOT DISTINCT FROM json_extract_string(CAST(q.extra AS JSON), '$.source_id'))""",
         ), file, digest)
 
     def ingest_quarantine_frame(self, frame: Any, file: str, digest: str) -> int:
-        self._ingest(frame, ("""INSERT INTO quarantine (source, line, reason, raw, run_id, quarantined_at)
-                                SELECT source, line, reason, raw, run_id, quarantined_at FROM shard""",), file, digest)
+        self._ingest(frame, ("""INSERT INTO quarantine (source, line, reason, raw, raw_sha256, run_id, quarantined_at)
+                                SELECT DISTINCT ON (source, line, reason, sha256(coalesce(raw, '')))
+                                       source, line, reason, raw, sha256(coalesce(raw, '')), run_id, quarantined_at
+                                FROM shard q WHERE NOT EXISTS (
+                                    SELECT 1 FROM quarantine o WHERE o.source = q.source AND o.line = q.line
+                                    AND o.reason = q.reason AND o.raw_sha256 = sha256(coalesce(q.raw, '')))""",), file, digest)
         return frame.height
 
     def status(self) -> dict[str, list[dict[str, Any]]]:
@@ -416,3 +559,45 @@ class Store:
                 [model_fingerprint, probe_id],
             ).fetchall()
         ]
+
+
+def _safe_text(text: str) -> str:
+    """Text DuckDB can store: a lone surrogate (valid in JSON, not in UTF-8) becomes U+FFFD."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _checked_path(path: str | Path, read_only: bool) -> Path:
+    if not str(path).strip():
+        raise StoreError("--db is empty: give the path of a DuckDB file")
+    p = Path(path)
+    if p.is_dir():
+        raise StoreError(f"store {p} is a directory, not a DuckDB file")
+    if read_only and not p.exists():
+        raise StoreError(f"store not found: {p}")
+    if p.exists() and p.stat().st_size > 0:
+        with p.open("rb") as fh:
+            head = fh.read(12)
+        if head[8:12] != _DUCKDB_MAGIC:
+            raise StoreError(f"store {p} is not a readable DuckDB database (corrupt, truncated or another kind of file); "
+                             "it was left untouched")
+    return p
+
+
+def _writer_lock(path: Path) -> IO[str]:
+    """An exclusive lock for the one writer, taken at once or refused, never waited for: a
+    nightly job that silently queues behind a stuck one hides the problem."""
+    lock_path = path.with_name(path.name + ".lock")
+    fh = lock_path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise StoreError(f"store {path} is in use by another process: a curate job is writing it ({holder}); "
+                         "one writer at a time (DuckDB allows one writer)") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} since {datetime.now(UTC).isoformat(timespec='seconds')}")
+    fh.flush()
+    return fh
