@@ -129,6 +129,26 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return tokenizer
 
 
+_LIBRARY_PROGRESS = [False]  # library bars (weights, datasets) shown: set by the command line, off for library use
+
+
+def set_library_progress(bars: bool, verbose: bool = False) -> None:
+    """The transformers and datasets progress bars follow the command line's rule (shown on a
+    terminal, off in a log) instead of being switched off; ``verbose`` lets their logs through."""
+    import datasets
+
+    _LIBRARY_PROGRESS[0] = bars
+    if bars:
+        hf_logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+    else:
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    if verbose:
+        hf_logging.set_verbosity_info()
+        datasets.logging.set_verbosity_info()
+
+
 def load_model(
     path: str | Path,
     *,
@@ -144,7 +164,8 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    hf_logging.disable_progress_bar()  # per-load weight bars drown the pipeline's own progress
+    if not _LIBRARY_PROGRESS[0]:
+        hf_logging.disable_progress_bar()  # off a terminal, per-load weight bars are noise in a log
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
     )

@@ -14,13 +14,16 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from probes.chat import ThinkingFormat, build_completion, render_generation_prompt
+from probes.files import path_sha256
 from probes.models import load_model
+from probes.rows import iter_rows
 
 
 @dataclass
@@ -39,23 +42,57 @@ class FinetuneConfig:
     trust_remote_code: bool = False
 
 
+def step_lines(log: Callable[[str], None]) -> object:
+    """A Trainer callback for runs without a terminal: one line per logging step, with the loss,
+    the rate and the time left. (Built here so that importing this module does not import transformers.)"""
+    from transformers import TrainerCallback
+
+    class StepLines(TrainerCallback):
+        def __init__(self) -> None:
+            self.started = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - the Trainer's callback signature
+            if not logs or "loss" not in logs:
+                return
+            elapsed = max(time.monotonic() - self.started, 1e-9)
+            rate = state.global_step / elapsed
+            left = (state.max_steps - state.global_step) / rate if rate else 0.0
+            log(f"fine-tune: step {state.global_step}/{state.max_steps}, loss {logs['loss']:.4f} "
+                f"({rate:.2f} steps/s, ETA {left:.0f}s)")
+
+    return StepLines()
+
+
 def read_training_pairs(path: str | Path) -> list[dict[str, str]]:
-    """Selected pairs as written by ``curate select`` (prompt, reasoning, answer)."""
+    """Selected pairs (prompt, reasoning, answer) as ``curate select`` writes them, in any of its
+    formats: jsonl, parquet or a saved Hugging Face dataset (read by ``probes.rows``)."""
     rows = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            for name in ("prompt", "reasoning", "answer"):
-                if not isinstance(obj.get(name), str):
-                    raise ValueError(f"{path}:{lineno}: field '{name}' must be a string (is this a curate select export?)")
-            if not obj["answer"].strip():
-                raise ValueError(f"{path}:{lineno}: field 'answer' is empty")
-            rows.append(obj)
+    for row in iter_rows(path, "--data"):
+        where = f"{row.file}:{row.locator}"
+        if row.error is not None:
+            raise ValueError(f"{where}: {row.error}")
+        obj = row.value
+        for name in ("prompt", "reasoning", "answer"):
+            if not isinstance(obj, dict) or not isinstance(obj.get(name), str):
+                raise ValueError(f"{where}: field '{name}' must be a string (is this a curate select export?)")
+        if not obj["answer"].strip():
+            raise ValueError(f"{where}: field 'answer' is empty")
+        rows.append(obj)
     if not rows:
         raise ValueError(f"{path} holds no training pairs")
     return rows
+
+
+def slice_lineage(path: str | Path) -> dict[str, object] | None:
+    """The selection manifest written beside a slice by ``curate select``, if there is one."""
+    manifest = Path(str(path).rstrip("/") + ".manifest.json")
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return {k: v for k, v in data.items() if k != "ids"} if isinstance(data, dict) else None
 
 
 def finetune_lora(
@@ -65,6 +102,8 @@ def finetune_lora(
     cfg: FinetuneConfig,
     fmt: ThinkingFormat | None = None,
     retain_file: str | Path | None = None,
+    progress: str = "off",
+    log: Callable[[str], None] = print,
 ) -> dict[str, object]:
     """Train a LoRA adapter and save it (safetensors) to ``out_dir`` atomically.
 
@@ -72,13 +111,13 @@ def finetune_lora(
     behaviour (``curate retain`` makes them from its own answers to harmless
     prompts). Without them a slice of refusals alone teaches a small model to
     refuse everything; keep the retain set fixed when comparing selections.
+    ``progress``: ``bar`` (TRL's own bar, on a terminal), ``lines`` (one ``log`` line per
+    logging step, with the rate and time left) or ``off``.
     """
-    from datasets import Dataset, disable_progress_bars
+    from datasets import Dataset
     from peft import LoraConfig
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
-
-    disable_progress_bars()  # the CLI shows its own progress
 
     fmt = fmt or ThinkingFormat()
     pairs = read_training_pairs(data_file)
@@ -112,7 +151,7 @@ def finetune_lora(
                 per_device_train_batch_size=cfg.batch_size,
                 lr_scheduler_type="constant",
                 warmup_steps=0,
-                logging_steps=10,
+                logging_steps=5,
                 save_strategy="no",
                 report_to=[],
                 max_length=cfg.max_length,
@@ -121,7 +160,7 @@ def finetune_lora(
                 use_cpu=lm.device.type == "cpu",
                 bf16=lm.model.dtype == torch.bfloat16,
                 dataloader_num_workers=0,
-                disable_tqdm=True,
+                disable_tqdm=progress != "bar",
             )
             lora = LoraConfig(
                 r=cfg.lora_r,
@@ -133,6 +172,8 @@ def finetune_lora(
             lm.model.train()
             trainer = SFTTrainer(model=lm.model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
             trainer.remove_callback(PrinterCallback)  # per-step loss dicts on stdout; the summary keeps the loss
+            if progress == "lines":
+                trainer.add_callback(step_lines(log))
             result = trainer.train()
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             if tmp.exists():
@@ -150,8 +191,71 @@ def finetune_lora(
         "seconds": round(time.monotonic() - started, 1),
         "config": asdict(cfg),
     }
+    summary["data_sha256"] = path_sha256(data_file)
+    summary["data_lineage"] = slice_lineage(data_file)
     (tmp / "finetune.json").write_text(json.dumps(summary, indent=2))
+    (tmp / "README.md").write_text(adapter_card(summary), encoding="utf-8")  # in place of PEFT's empty template
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return summary
+
+
+def adapter_card(summary: dict[str, object]) -> str:
+    """The adapter's model card: what it was trained on and where that came from."""
+    lineage = summary.get("data_lineage") or {}
+    assert isinstance(lineage, dict)
+    cfg = summary["config"]
+    assert isinstance(cfg, dict)
+    lines = [
+        "---",
+        "library_name: peft",
+        "tags: [lora, safety, refusal-cliff, cliff-curate]",
+        "---",
+        "",
+        "# LoRA adapter: safety fine-tune on a cliff-curate slice",
+        "",
+        f"- base model: `{summary['base_model']}` (fingerprint `{summary['base_fingerprint']}`)",
+        f"- training data: `{summary['data']}` (sha256 `{summary['data_sha256']}`), {summary['n_safety_examples']} safety pairs",
+        f"- retain set: `{summary['retain']}`" if summary.get("retain") else "- retain set: none",
+        f"- examples in all: {summary['n_examples']}; steps {summary['steps']}; final training loss {summary['train_loss']:.4f}",
+        f"- LoRA r={cfg['lora_r']}, alpha={cfg['lora_alpha']}, target `{cfg['target_modules']}`; "
+        f"{cfg['epochs']} epochs at learning rate {cfg['learning_rate']}, batch {cfg['batch_size']}, max length {cfg['max_length']}",
+        "",
+        "## Where the training data came from",
+        "",
+    ]
+    if lineage:
+        lines += [
+            f"Selected by `curate select`: strategy `{lineage.get('strategy')}`, budget `{lineage.get('budget')}`, "
+            f"{lineage.get('n_selected')} of {lineage.get('n_pool')} scored candidates; model `{lineage.get('model_fingerprint')}`, "
+            f"probe `{lineage.get('probe_id')}`, store `{lineage.get('db')}`. The slice's own card: `{lineage.get('card')}`.",
+        ]
+    else:
+        lines.append("No selection manifest was found beside the training data, so its lineage is not recorded here.")
+    return "\n".join(lines) + "\n"
+
+
+def export_merged(model_path: str | Path, adapter: str | Path, out_dir: str | Path, cfg: FinetuneConfig) -> Path:
+    """Base + adapter merged into plain weights (safetensors) with the tokenizer, ready to serve;
+    written to a temporary folder and renamed into place."""
+    lm = load_model(model_path, adapter=adapter, device=cfg.device, dtype=cfg.dtype,
+                    trust_remote_code=cfg.trust_remote_code, merge_adapter=True)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        lm.model.save_pretrained(str(tmp), safe_serialization=True)
+        lm.tokenizer.save_pretrained(str(tmp))
+        card = Path(adapter) / "README.md"
+        if card.is_file():
+            (tmp / "README.md").write_text(card.read_text(encoding="utf-8").replace(
+                "# LoRA adapter:", f"# Merged model (base + adapter `{adapter}`):", 1), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out

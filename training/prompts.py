@@ -1,12 +1,16 @@
-"""Prompt lists for probe training and evaluation: jsonl with a ``prompt`` field
-and optional ``category`` and ``harmful`` fields, or plain text with one prompt
-per line (taken as harmful)."""
+"""Prompt lists for probe training and evaluation: rows with a ``prompt`` field
+and optional ``category`` and ``harmful`` fields (jsonl, csv, parquet or a saved
+dataset, read by ``probes.rows``), or plain text with one prompt per line (taken
+as harmful)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from probes.layouts import Layout
+from probes.rows import iter_rows, kind_of
 
 
 @dataclass(frozen=True)
@@ -16,45 +20,50 @@ class PromptItem:
     category: str | None = None
 
 
-JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+_TRUE, _FALSE = {"true", "1", "yes", "harmful"}, {"false", "0", "no", "benign", "harmless"}
 
 
-def read_prompts(path: str | Path) -> list[PromptItem]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"prompt file {path} is a directory; give a jsonl or text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    items: list[PromptItem] = []
-    # By suffix, whatever its case: a .JSONL or .ndjson read as text would count every line as a harmful prompt.
-    if path.suffix.lower() in JSON_SUFFIXES:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            except (ValueError, RecursionError) as exc:  # digit limit, nesting depth
-                raise ValueError(f"{path}:{lineno}: unreadable JSON ({type(exc).__name__})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise ValueError(f"{path}:{lineno}: each line needs a non-empty string field 'prompt'")
-            harmful = obj.get("harmful", True)
-            if not isinstance(harmful, bool):
-                raise ValueError(f"{path}:{lineno}: field 'harmful' must be true or false")
-            category = obj.get("category")
-            if category is not None and not isinstance(category, str):
-                raise ValueError(f"{path}:{lineno}: field 'category' must be a string")
-            items.append(PromptItem(obj["prompt"], harmful, category))
-    else:
+def read_prompts(path: str | Path, layout: Layout | None = None) -> list[PromptItem]:
+    """Prompts from jsonl, csv, parquet (a file, a folder or a glob) or a saved Hugging Face
+    dataset through the one row reader, with ``layout`` mapping columns (``--format``, ``--map``,
+    ``--where``); or from a text file, one harmful prompt per line. A prompt list is small and
+    curated, so a bad row is an error naming its file and line, not a quarantine."""
+    text_path = Path(path)
+    if text_path.is_file() and kind_of(text_path) == "text":
+        try:
+            text = text_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{text_path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         items = [PromptItem(line.strip()) for line in text.splitlines() if line.strip()]
+    else:
+        layout = layout or Layout()
+        items = []
+        for row in iter_rows(path, "--prompts"):
+            where = f"{row.file}:{row.locator}"
+            if row.error is not None:
+                raise ValueError(f"{where}: {row.error}")
+            if isinstance(row.value, dict) and not layout.keeps(row.value):
+                continue
+            items.append(_prompt_item(layout.apply(row.value), where))
     if not items:
         raise ValueError(f"{path} holds no prompts")
     return items
+
+
+def _prompt_item(obj: object, where: str) -> PromptItem:
+    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+        raise ValueError(f"{where}: each row needs a non-empty string field 'prompt'")
+    harmful = obj.get("harmful", True)
+    if isinstance(harmful, str) and harmful.strip().lower() in _TRUE | _FALSE:  # csv holds text
+        harmful = harmful.strip().lower() in _TRUE
+    if isinstance(harmful, int) and not isinstance(harmful, bool) and harmful in (0, 1):
+        harmful = bool(harmful)
+    if not isinstance(harmful, bool):
+        raise ValueError(f"{where}: field 'harmful' must be true or false")
+    category = obj.get("category")
+    if category is not None and not isinstance(category, str):
+        raise ValueError(f"{where}: field 'category' must be a string")
+    return PromptItem(obj["prompt"], harmful, category)
 
 
 def write_prompts(path: str | Path, items: list[PromptItem]) -> None:

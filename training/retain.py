@@ -4,7 +4,7 @@ safety fine-tune so that it keeps answering ordinary requests."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from probes.chat import ThinkingFormat, split_completion
@@ -23,6 +23,7 @@ def build_retain_set(
     *,
     max_new_tokens: int = 192,
     batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Write (prompt, reasoning, answer) pairs for the harmless prompts the model
     answers without refusing; returns how many were written."""
@@ -30,7 +31,8 @@ def build_retain_set(
     if not harmless:
         raise ValueError("a retain set needs harmless prompts (rows with \"harmful\": false)")
     judge = SubstringJudge()
-    gens = generate(lm, [p.prompt for p in harmless], fmt, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_close=False)
+    gens = generate(lm, [p.prompt for p in harmless], fmt, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_close=False,
+                    on_batch=progress)
     written = 0
     with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for item, g in zip(harmless, gens, strict=True):

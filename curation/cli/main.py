@@ -22,6 +22,7 @@ from rich.markup import escape
 from safetensors import SafetensorError
 
 from curation.cli.options import add_options, help_text, load_config_file, resolve
+from curation.cli.progress import configure
 from curation.cli.recipes import validate_manifest
 from curation.cli.registry import VERBS
 from curation.cli.verb import Settings, Verb, console
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curate", description="Cliff-as-a-Judge safety data curation for reasoning models.")
     parser.add_argument("--config", help="YAML file of option values (layered: defaults < file < CURATE_* env < flags)")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an unexpected error")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("--quiet", action="store_true", help="no progress: results and errors only")
+    loud.add_argument("--verbose", action="store_true", help="also the libraries' own logs (transformers, datasets)")
     sub = parser.add_subparsers(dest="verb", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for verb in VERBS.values():
@@ -65,7 +69,7 @@ def _paths(value: object) -> list[str]:
 
 
 def _check_outputs(verb: Verb, s: Settings) -> list[OutputSpec]:
-    specs = [OutputSpec(o.flag, s.get(_dest(o.flag)), o.folder) for o in verb.outputs]
+    specs = [OutputSpec(o.flag, s.get(_dest(o.flag)), verb.output_is_folder(o, s)) for o in verb.outputs]
     inputs = {f"{flag} ({i + 1})" if i else flag: path for flag in verb.inputs for i, path in enumerate(_paths(s.get(_dest(flag))))}
     replaced = [spec for spec, o in zip(specs, verb.outputs, strict=True) if not o.appends]
     appended = [spec for spec, o in zip(specs, verb.outputs, strict=True) if o.appends]
@@ -102,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["--config", argv[1], "run", *argv[2:]]  # curate run MANIFEST [flags]
     args = build_parser().parse_args(argv)
     verb = VERBS[args._verb]
+    configure(quiet=args.quiet, verbose=args.verbose)
     try:
         file_values = load_config_file(args.config)
         settings = resolve(args, verb.cli_options, verb.section, file_values)

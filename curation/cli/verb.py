@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -21,6 +20,7 @@ from curation.cli.options import Option
 
 if TYPE_CHECKING:
     from probes.chat import ThinkingFormat
+    from probes.layouts import Layout
     from probes.models import LoadedModel
 
 # Messages and progress go to stderr; results to stdout, so that `curate ... > file` keeps only results.
@@ -39,6 +39,8 @@ class Output:
 
     flag: str
     folder: bool = False
+    # A folder only under one setting, e.g. ("out_format", "hf"): select writes a file or a saved dataset.
+    folder_when: tuple[str, str] | None = None
     # Added to rather than replaced (a store, a shard folder, a folder of nights): only checked
     # against the inputs and for its kind, never refused for existing.
     appends: bool = False
@@ -57,6 +59,9 @@ class Verb:
     # exists and is not curate's (without --force), before the job starts; see probes.outputs.
     outputs: tuple[Output, ...] = ()
     inputs: tuple[str, ...] = ()
+
+    def output_is_folder(self, output: Output, s: Settings) -> bool:
+        return output.folder or (output.folder_when is not None and s.get(output.folder_when[0]) == output.folder_when[1])
 
     @property
     def cli_options(self) -> list[Option]:
@@ -77,6 +82,14 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
+DATA_OPTIONS = [
+    Option("--format", str, None, "column layout preset: wildjailbreak (adversarial else vanilla, completion, data_type), "
+           "reasoning (instruction/question, reasoning, response: STAR-1 and SafeChain style) or messages (a chat list)",
+           choices=("wildjailbreak", "reasoning", "messages")),
+    Option("--map", str, None, "FIELD=COLUMN pairs over the format, e.g. prompt=adversarial,response=completion,category=data_type"),
+    Option("--where", str, None, "keep only rows whose COLUMN holds one of the values, e.g. data_type=vanilla_harmful,adversarial_harmful; "
+           "conditions joined by ';', != to exclude"),
+]
 MARKER_OPTIONS = [
     Option("--think-open", str, "<think>", "marker that opens the reasoning"),
     Option("--think-close", str, "</think>", "marker that closes the reasoning"),
@@ -98,6 +111,13 @@ def thinking_format(s: Settings) -> ThinkingFormat:
     )
 
 
+def layout_from(s: Settings) -> Layout:
+    """How the verb's input rows map to the canonical fields (--format, --map, --where)."""
+    from probes.layouts import Layout
+
+    return Layout.from_flags(s.get("format"), s.get("map"), s.get("where"), s.get("think_close") or "</think>")
+
+
 def load_model_from(s: Settings, adapter: str | None = None) -> LoadedModel:
     from probes.models import load_model
 
@@ -115,13 +135,10 @@ def comma_list(text: str | None) -> list[str]:
 
 
 def check_input_file(path: str | None, flag: str) -> None:
-    """An input that must be a readable file: said before any store is opened or model loaded."""
+    """A data input (a file, a folder of files, a glob or a saved dataset) that must hold
+    something to read: said before any store is opened or model loaded."""
     if path is None:
         return
-    p = Path(path)
-    if not str(path).strip():
-        raise ValueError(f"{flag} is empty")
-    if not p.exists():
-        raise FileNotFoundError(f"{flag}: file not found: {p}")
-    if p.is_dir():
-        raise ValueError(f"{flag} {p} is a directory; give a file")
+    from probes.rows import expand
+
+    expand(path, flag)

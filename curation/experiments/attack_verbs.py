@@ -9,14 +9,16 @@ from pathlib import Path
 from rich.table import Table
 
 from curation.cli.options import Option
+from curation.cli.progress import stages
 from curation.cli.verb import (
+    DATA_OPTIONS,
     MARKER_OPTIONS,
     MODEL_OPTIONS,
     Output,
     Settings,
     Verb,
     at_least_one,
-    console,
+    layout_from,
     load_model_from,
     out_console,
     thinking_format,
@@ -34,8 +36,8 @@ def run_attacks_prepare(s: Settings) -> int:
                            batch_size=s["batch_size"],
                            directions=DirectionSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
                                                         induce_min_gain=None if s["no_induce_check"] else 0.0))
-    with console.status("preparing attack kit") as status:
-        kit = prepare_attack_kit(lm, read_prompts(prompts), thinking_format(s), settings, progress=lambda m: status.update(f"attack kit: {m}"))
+    with stages("attack kit") as say:
+        kit = prepare_attack_kit(lm, read_prompts(prompts, layout_from(s)), thinking_format(s), settings, progress=say)
     kit.save(s["out"])
     table = Table(title=f"attack kit for {lm.fingerprint} (strengths tuned on the validation split)")
     for col in ("attack", "chosen strength", "validation ASR"):
@@ -61,7 +63,7 @@ ATTACKS_PREPARE_VERB = Verb("attacks prepare", "extract the refusal direction, b
         Option("--no-induce-check", None, False, "do not require the direction to induce refusal on harmless prompts"),
         Option("--max-new-tokens", int, 128, "generation cap during selection and tuning", minimum=1),
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
-] + MODEL_OPTIONS, run_attacks_prepare,
+] + MODEL_OPTIONS + DATA_OPTIONS, run_attacks_prepare,
     outputs=(Output("--out", folder=True),), inputs=("--model", "--adapter", "--prompts"))
 
 
@@ -105,8 +107,8 @@ def run_experiment_attacks(s: Settings) -> int:
     exp = AttackExperiment(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], attacks=attacks, rows=rows,
                            kit=matrix_kit_settings(batch_size))
     exp.eval_settings = replace(exp.eval_settings, batch_size=batch_size)
-    with console.status("attack matrix") as status:
-        doc = run_attack_experiment(exp, thinking_format(s), progress=lambda m: status.update(m), console=out_console)
+    with stages("attack matrix") as say:
+        doc = run_attack_experiment(exp, thinking_format(s), progress=say, console=out_console)
     for org in doc["organisms"]:
         names = list(dict.fromkeys(c["attack"] for c in org["cells"]))
         table = Table(title=f"{org['organism']} organism: ASR on held-out harmful prompts (over-refusal)")

@@ -9,7 +9,9 @@ from typing import Any
 from rich.table import Table
 
 from curation.cli.options import Option
+from curation.cli.progress import stages
 from curation.cli.verb import (
+    DATA_OPTIONS,
     MARKER_OPTIONS,
     MODEL_OPTIONS,
     Output,
@@ -17,6 +19,7 @@ from curation.cli.verb import (
     Verb,
     at_least_one,
     console,
+    layout_from,
     load_model_from,
     out_console,
     thinking_format,
@@ -41,7 +44,8 @@ def run_experiment_selection(s: Settings) -> int:
     exp.eval_settings = replace(exp.eval_settings, batch_size=batch_size)
     if s["out"]:
         exp.out = s["out"]
-    doc = run_selection_experiment(exp, thinking_format(s), progress=lambda name: console.print(f"run {name}"))
+    with stages("selection experiment") as say:
+        doc = run_selection_experiment(exp, thinking_format(s), progress=lambda name: say(f"run {name}"))
     table = Table(title="selection experiment (mean over seeds)")
     for col in ("strategy", "budget", "runs", "ASR suppressed", "ASR all", "over-refusal", "KL harmless"):
         table.add_column(col, justify="right")
@@ -78,8 +82,8 @@ def run_heads(s: Settings) -> int:
     from training.prompts import read_prompts
 
     model_dir = Path(s["model"])
-    attribution = read_prompts(s["prompts"] or model_dir / "train_prompts.jsonl")
-    evaluation = read_prompts(s["eval_prompts"] or model_dir / "heldout_prompts.jsonl")
+    attribution = read_prompts(s["prompts"] or model_dir / "train_prompts.jsonl", layout_from(s))
+    evaluation = read_prompts(s["eval_prompts"] or model_dir / "heldout_prompts.jsonl", layout_from(s))
     ks = tuple(float(k) for k in s["ks"].split(",") if k.strip())
     if not ks or any(not 0 < k <= 100 for k in ks):
         raise ValueError("--ks takes percentages above 0 and at most 100, e.g. 1,3,5")
@@ -88,8 +92,9 @@ def run_heads(s: Settings) -> int:
     settings = HeadsSettings(ks=ks, gamma=s["gamma"], keep_norm=s["keep_norm"], max_new_tokens=s["max_new_tokens"],
                              batch_size=s["batch_size"], seed=s["seed"])
     lm = load_model_from(s)
-    doc = run_heads(lm, RefusalProbe.load_for(s["probe"], lm), attribution, evaluation, thinking_format(s), settings, s["out"],
-                    progress=lambda msg: console.print(f"ablating: {msg}"))
+    with stages("heads") as say:
+        doc = run_heads(lm, RefusalProbe.load_for(s["probe"], lm), attribution, evaluation, thinking_format(s), settings, s["out"],
+                    progress=lambda msg: say(f"ablating: {msg}"))
     table = Table(title=f"head ablation (gamma {settings.gamma}); ASR without ablation {doc['base']['asr']:.3f}")
     for col in ("k %", "heads", "ASR top", "ASR random", "over-refusal top", "over-refusal random"):
         table.add_column(col, justify="right")
@@ -118,7 +123,7 @@ HEADS_VERB = Verb("heads", "rank refusal-suppression heads and ablate the top k%
         Option("--seed", int, 0, "seed for the random-heads control"),
         Option("--export-top", int, None, "also save a model with this many top heads scaled in the weights", minimum=1),
         Option("--export-out", str, None, "where to save that model"),
-] + MODEL_OPTIONS, run_heads,
+] + MODEL_OPTIONS + DATA_OPTIONS, run_heads,
     outputs=(Output("--out", folder=True), Output("--export-out", folder=True)), inputs=("--model", "--probe", "--prompts", "--eval-prompts"))
 
 
@@ -126,6 +131,22 @@ def run_bench(s: Settings) -> int:
     from curation.experiments.bench import run_scoring_bench, run_select_bench
     from probes.files import write_json_atomic
 
+    if s["stream"]:
+        from curation.experiments.stream_bench import run_stream_bench
+
+        stream = run_stream_bench(s["stream_rows"])
+        table = Table(title=f"reading a {stream['rows']:,}-row parquet pool ({stream['pool_mb']:.0f} MB), each side in its own process")
+        for col in ("", "rows", "rows/s", "peak RSS MB"):
+            table.add_column(col, justify="right")
+        for name, key in (("reader, whole pool", "stream"), ("reader, first tenth", "stream_tenth"), ("load whole (baseline)", "whole_load")):
+            r = stream[key]
+            table.add_row(name, f"{r['rows']:,}", f"{r['rows_per_s']:,.0f}", f"{r['peak_rss_mb']:.0f}")
+        table.add_row("peak: whole pool / first tenth", "", "", f"{stream['ratio_peak_full_over_tenth']:.2f}x")
+        table.add_row("peak: reader / load whole", "", "", f"{stream['ratio_peak_stream_over_whole_load']:.2f}x")
+        out_console.print(table)
+        if s["out"]:
+            write_json_atomic(s["out"], {"stream": stream})
+        return 0
     if s["select"]:
         result = run_select_bench(s["rows"], s["budget"])
         out_console.print(
@@ -174,6 +195,8 @@ BENCH_VERB = Verb("bench", "time the scoring engine against a naive baseline (or
         Option("--tolerance", float, 1e-3, "largest allowed score difference"),
         Option("--select", None, False, "benchmark selection instead of scoring"),
         Option("--rows", int, 10_000_000, "score rows for --select", minimum=1),
+        Option("--stream", None, False, "benchmark reading a large parquet pool (peak memory) instead of scoring"),
+        Option("--stream-rows", int, 1_000_000, "pool rows for --stream", minimum=10),
         Option("--budget", str, "1.7%", "budget for --select"),
         Option("--out", str, None, "write the figures as JSON"),
         Option("--device", str, "auto", "cpu, cuda or auto"),

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from curation.cli.options import Option
 from curation.cli.verb import (
+    DATA_OPTIONS,
     MARKER_OPTIONS,
     MODEL_OPTIONS,
     Output,
@@ -18,6 +19,7 @@ from curation.cli.verb import (
     Verb,
     check_input_file,
     console,
+    layout_from,
     load_model_from,
     out_console,
     thinking_format,
@@ -37,11 +39,9 @@ def _cell_text(value: object) -> str:
 
 
 def run_score(s: Settings) -> int:
-    from rich.progress import Progress
-
     from curation.pipeline.score import ScoreSettings, score_records
     from curation.pipeline.shards import ParquetShardSink, Shard
-    from curation.pipeline.sources import CandidateRecord, QuarantinedRow, iter_jsonl
+    from curation.pipeline.sources import CandidateRecord, QuarantinedRow, iter_candidates
     from curation.pipeline.store import Store
     from probes.refusal import RefusalProbe
 
@@ -53,6 +53,11 @@ def run_score(s: Settings) -> int:
     if shard is None and s["db"] is None:
         raise ValueError("--db is required (or --shard i/N with --shard-dir)")
     check_input_file(s["data"], "--data")
+    from probes.files import path_sha256
+    from probes.rows import expand
+
+    # Hashed once, up front: the run records what it read, and the slice's card names it.
+    inputs = [{"path": str(p), "sha256": path_sha256(p)} for p in expand(s["data"], "--data")]
     # The store first: a second writer is refused before minutes go into loading a model.
     sink = ParquetShardSink(s["shard_dir"], shard) if shard is not None else Store(s["db"])
     with closing(sink):
@@ -75,7 +80,7 @@ def run_score(s: Settings) -> int:
         def records() -> Iterator[CandidateRecord | QuarantinedRow]:
             # Streamed: bad rows pass through to be quarantined with the run's id, good ones are scored a
             # chunk at a time. Every shard reads the whole input, so each meets the same bad rows; shard 0 keeps them.
-            for item in iter_jsonl(s["data"], counts=counts):
+            for item in iter_candidates(s["data"], counts=counts, layout=layout_from(s)):
                 if isinstance(item, QuarantinedRow):
                     if shard is None or shard.index == 0:
                         unreadable.append(item)
@@ -83,17 +88,13 @@ def run_score(s: Settings) -> int:
                 elif shard is None or shard.holds(item.id):
                     yield item
 
-        read = [0]
+        from curation.cli.progress import track
+        from probes.rows import count_rows
 
-        def log_chunk(n: int) -> None:
-            # Under cron there is no terminal for a progress bar: one line per committed chunk instead.
-            read[0] += n
-            console.print(f"committed chunk: {read[0]} candidates done", soft_wrap=True)
-
-        with Progress(console=console, disable=not console.is_terminal) as progress:
-            task = progress.add_task("scoring", total=None)
-            on_chunk = (lambda n: progress.advance(task, n)) if console.is_terminal else log_chunk
-            summary = score_records(lm, probe, sink, records(), thinking_format(s), settings, progress=on_chunk, engine=engine)
+        # Under cron there is no terminal for a bar: one line per committed chunk instead.
+        with track("committed chunk", total=None if shard else count_rows(s["data"]), unit="candidates") as on_chunk:
+            summary = score_records(lm, probe, sink, records(), thinking_format(s), settings, progress=on_chunk, engine=engine,
+                                    inputs=inputs)
     out_console.print(
         f"run {summary.run_id}: {summary.n_candidates} candidates, {summary.n_scored} scored, "
         f"{summary.n_already_scored} already scored, {summary.n_unclosed} traces hit the length cap; "
@@ -135,7 +136,7 @@ SCORE_VERB = Verb("score", "score candidate examples by the refusal cliff into D
         Option("--chunk-size", int, 64, "examples per committed transaction", minimum=1),
         Option("--strict", None, False, "exit 1 if any row was quarantined"),
         Option("--judge-answers", None, False, "also generate each answer and store the judge's verdict (for --strategy rule)"),
-] + MODEL_OPTIONS, run_score,
+] + MODEL_OPTIONS + DATA_OPTIONS, run_score,
     outputs=(Output("--db", appends=True), Output("--shard-dir", folder=True, appends=True)), inputs=("--model", "--probe", "--data"))
 
 
@@ -145,8 +146,10 @@ def run_select(s: Settings) -> int:
 
     with Store(s["db"], read_only=True, on_wait=lambda m: console.print(m, soft_wrap=True, markup=False)) as store:
         m = export_selection(store, s["out"], strategy=s["strategy"], budget_text=s["budget"], seed=s["seed"],
-                             target=s["target"], fmt=thinking_format(s), model_fingerprint=s["model_fingerprint"], probe_id=s["probe_id"])
-    out_console.print(f"selected {m.n_selected} of {m.n_pool} ({m.strategy}, budget {m.budget}) -> {m.output}")
+                             target=s["target"], fmt=thinking_format(s), model_fingerprint=s["model_fingerprint"], probe_id=s["probe_id"],
+                             out_format=s["out_format"])
+    out_console.print(f"selected {m.n_selected} of {m.n_pool} ({m.strategy}, budget {m.budget}) -> {m.output} ({m.out_format}); "
+                      f"card {m.card}")
     return 0
 
 
@@ -155,12 +158,14 @@ SELECT_VERB = Verb("select", "select a budgeted slice and export it as training 
         Option("--budget", str, "1.7%", "a percent (1.7%), a fraction (0.017) or a count (500)"),
         Option("--strategy", str, "cliff", "cliff (top MS), random, full, low-final, plateau, rule", choices=STRATEGIES),
         Option("--seed", int, 0, "seed for random"),
-        Option("--out", str, None, "output jsonl", required=True),
+        Option("--out", str, None, "output: a jsonl or parquet file, or a folder for --out-format hf", required=True),
+        Option("--out-format", str, "jsonl", "jsonl (training pairs), parquet, or hf (a saved Hugging Face dataset folder)",
+               choices=("jsonl", "parquet", "hf")),
         Option("--target", str, "own-reasoning", "own-reasoning (paper recipe) or candidate", choices=("own-reasoning", "candidate")),
         Option("--model-fingerprint", str, None, "which model's scores (default: most recent)"),
         Option("--probe-id", str, None, "which probe's scores (default: most recent)"),
 ] + MARKER_OPTIONS, run_select,
-    outputs=(Output("--out"),), inputs=("--db",))
+    outputs=(Output("--out", folder_when=("out_format", "hf")),), inputs=("--db",))
 
 
 def run_ingest(s: Settings) -> int:
@@ -201,7 +206,8 @@ def run_run(s: Settings) -> int:
     cfg = NightlySettings(sources=tuple(str(x) for x in sources), model=s["model"], probe=s["probe"], db=s["db"], out=s["out"],
                           budget=s["budget"], strategy=s["strategy"], seed=s["seed"],
                           score=ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
-                                              chunk_size=s["chunk_size"], judge_answers=s["judge_answers"]))
+                                              chunk_size=s["chunk_size"], judge_answers=s["judge_answers"]),
+                          layout=layout_from(s))
     for source in cfg.sources:
         check_input_file(source, "--sources")
     store = Store(cfg.db)  # the writer lock before the model: a second nightly job is refused at once
@@ -243,7 +249,7 @@ RUN_VERB = Verb("run", "the nightly job from one manifest: score new rows, selec
         Option("--strict", None, False, "exit 1 if any row was quarantined (the night still finishes every source)"),
         Option("--reproduce", str, None, "a resolved_manifest.json: re-select that night's slice and compare"),
         Option("--reproduce-out", str, None, "where the re-selected slice goes (default: next to the manifest)"),
-] + MODEL_OPTIONS, run_run, validates_recipe=True,
+] + MODEL_OPTIONS + DATA_OPTIONS, run_run, validates_recipe=True,
     outputs=(Output("--db", appends=True), Output("--out", folder=True, appends=True), Output("--reproduce-out")), inputs=("--sources", "--model", "--probe", "--reproduce"))
 
 

@@ -7,13 +7,16 @@ from pathlib import Path
 from rich.table import Table
 
 from curation.cli.options import Option
+from curation.cli.progress import VERBOSITY, track
 from curation.cli.verb import (
+    DATA_OPTIONS,
     MODEL_OPTIONS,
     Output,
     Settings,
     Verb,
     console,
     json_object,
+    layout_from,
     load_model_from,
     out_console,
     thinking_format,
@@ -51,11 +54,12 @@ def run_probe_train(s: Settings) -> int:
     from training.prompts import read_prompts
 
     prompts_file = s["prompts"] or str(Path(s["model"]) / "train_prompts.jsonl")
-    prompts = read_prompts(prompts_file)
+    prompts = read_prompts(prompts_file, layout_from(s))
     lm = load_model_from(s)
     settings = ProbeTrainSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=s["seed"],
                                   layer=s["layer"], protocol=s["protocol"])
-    probe, report = train_probe_for_model(lm, prompts, thinking_format(s), settings)
+    with track("probe train: generating", total=len(prompts), unit="prompts") as advance:
+        probe, report = train_probe_for_model(lm, prompts, thinking_format(s), settings, progress=advance)
     probe.save(s["out"])
     table = Table(title=f"probe layer sweep ({report.n_positive} refusals vs {report.n_negative} compliances, balanced)")
     for col in ("layer", "held-out accuracy", "held-out AUROC", "span gap", "C"):
@@ -79,7 +83,7 @@ PROBE_TRAIN_VERB = Verb("probe train", "train the refusal probe on the model's o
         Option("--seed", int, 0, "seed for the held-out split"),
         Option("--protocol", str, "behaviour", "behaviour: label by the model's answer; reference: harmful-refused vs harmless-answered",
                choices=("behaviour", "reference")),
-] + MODEL_OPTIONS, run_probe_train,
+] + MODEL_OPTIONS + DATA_OPTIONS, run_probe_train,
     outputs=(Output("--out", folder=True),), inputs=("--model", "--prompts"))
 
 
@@ -87,8 +91,11 @@ def run_retain(s: Settings) -> int:
     from training.prompts import read_prompts
     from training.retain import build_retain_set
 
-    prompts = read_prompts(s["prompts"])[: s["limit"]] if s["limit"] else read_prompts(s["prompts"])
-    n = build_retain_set(load_model_from(s), prompts, s["out"], thinking_format(s), max_new_tokens=s["max_new_tokens"])
+    prompts = read_prompts(s["prompts"], layout_from(s))
+    prompts = prompts[: s["limit"]] if s["limit"] else prompts
+    lm = load_model_from(s)
+    with track("retain: generating", total=sum(1 for p in prompts if not p.harmful), unit="prompts") as advance:
+        n = build_retain_set(lm, prompts, s["out"], thinking_format(s), max_new_tokens=s["max_new_tokens"], progress=advance)
     out_console.print(f"retain set: {n} pairs -> {s['out']}")
     return 0
 
@@ -99,25 +106,30 @@ RETAIN_VERB = Verb("retain", "make a retain set from the model's own answers to 
         Option("--out", str, None, "output jsonl", required=True),
         Option("--limit", int, None, "use at most this many prompts", minimum=1),
         Option("--max-new-tokens", int, 192, "generation cap", minimum=1),
-] + MODEL_OPTIONS, run_retain,
+] + MODEL_OPTIONS + DATA_OPTIONS, run_retain,
     outputs=(Output("--out"),), inputs=("--model", "--prompts"))
 
 
 def run_finetune(s: Settings) -> int:
-    from training.finetune import FinetuneConfig, finetune_lora
+    from training.finetune import FinetuneConfig, export_merged, finetune_lora
 
     cfg = FinetuneConfig(epochs=s["epochs"], learning_rate=s["learning_rate"], batch_size=s["batch_size"],
                          lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], seed=s["seed"], device=s["device"],
                          dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
-    summary = finetune_lora(s["model"], s["data"], s["out"], cfg, thinking_format(s), retain_file=s["retain"])
+    summary = finetune_lora(s["model"], s["data"], s["out"], cfg, thinking_format(s), retain_file=s["retain"],
+                            progress=VERBOSITY.mode, log=lambda m: console.print(m, soft_wrap=True, markup=False))
     out_console.print(f"adapter saved to {s['out']}: {summary['n_examples']} examples, {summary['steps']} steps, loss {summary['train_loss']:.4f}")
+    if s["merge"]:
+        merged = export_merged(s["model"], s["out"], s["merge"], cfg)
+        out_console.print(f"merged model (base + adapter, safetensors) saved to {merged}")
     return 0
 
 
 FINETUNE_VERB = Verb("finetune", "LoRA fine-tune (TRL SFTTrainer + PEFT) on a selected slice", [
         Option("--model", str, None, "base model directory", required=True),
-        Option("--data", str, None, "selected pairs from curate select", required=True),
+        Option("--data", str, None, "selected pairs from curate select: jsonl, parquet or a saved dataset folder", required=True),
         Option("--out", str, None, "adapter output directory", required=True),
+        Option("--merge", str, None, "also write base + adapter merged into this folder (safetensors, ready to serve)"),
         Option("--retain", str, None, "retain pairs mixed in (curate retain)"),
         Option("--epochs", float, 10.0, "epochs", minimum=0.01),
         Option("--learning-rate", float, 1e-3, "learning rate"),
@@ -126,7 +138,7 @@ FINETUNE_VERB = Verb("finetune", "LoRA fine-tune (TRL SFTTrainer + PEFT) on a se
         Option("--lora-alpha", int, 16, "LoRA alpha", minimum=1),
         Option("--seed", int, 0, "seed"),
 ] + MODEL_OPTIONS, run_finetune,
-    outputs=(Output("--out", folder=True),), inputs=("--model", "--data", "--retain"))
+    outputs=(Output("--out", folder=True), Output("--merge", folder=True)), inputs=("--model", "--data", "--retain"))
 
 
 def run_evaluate(s: Settings) -> int:
@@ -134,11 +146,12 @@ def run_evaluate(s: Settings) -> int:
     from training.evaluate import EvalSettings, evaluate_prompts
     from training.prompts import PromptItem, read_prompts
 
-    items = read_prompts(s["prompts"])
+    items = read_prompts(s["prompts"], layout_from(s))
     lm = load_model_from(s, adapter=s["adapter"])
     settings = EvalSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"])
     if s["attack"] == "none" and not s["attack_kit"]:
-        result = evaluate_prompts(lm, items, thinking_format(s), settings)
+        with track("evaluate: generating", total=len(items), unit="prompts") as advance:
+            result = evaluate_prompts(lm, items, thinking_format(s), settings, progress=advance)
     else:
         from training.attacks import AttackKit, build_attack
 
@@ -147,7 +160,9 @@ def run_evaluate(s: Settings) -> int:
         kit = AttackKit.load_for(s["attack_kit"], lm)
         attack = build_attack(s["attack"], kit, s["attack_params"])
         with attack.mount(lm, kit):
-            result = evaluate_prompts(lm, [PromptItem(attack.wrap(i.prompt), i.harmful, i.category) for i in items], thinking_format(s), settings)
+            with track(f"evaluate under {attack.name}: generating", total=len(items), unit="prompts") as advance:
+                result = evaluate_prompts(lm, [PromptItem(attack.wrap(i.prompt), i.harmful, i.category) for i in items],
+                                          thinking_format(s), settings, progress=advance)
         result["attack"] = {"name": attack.name, "params": attack.params}
     write_json_atomic(s["out"], result)
     title = f"evaluation ({result['judge']} judge" + (f", attack {s['attack']})" if s["attack"] != "none" else ")")
@@ -173,5 +188,5 @@ EVALUATE_VERB = Verb("evaluate", "ASR and over-refusal with the keyword judge on
         Option("--attack", str, "none", "steering attack mounted during generation", choices=ATTACK_NAMES),
         Option("--attack-kit", str, None, "attack kit directory (curate attacks prepare) for this model"),
         Option("--attack-params", json_object, None, 'JSON object overriding the kit\'s tuned strength, e.g. \'{"coefficient": 2}\''),
-] + MODEL_OPTIONS, run_evaluate,
+] + MODEL_OPTIONS + DATA_OPTIONS, run_evaluate,
     outputs=(Output("--out"),), inputs=("--model", "--adapter", "--prompts", "--attack-kit"))

@@ -23,22 +23,16 @@ from typing import Any
 
 from curation.pipeline.score import ScoreSettings, score_records
 from curation.pipeline.select import export_selection
-from curation.pipeline.sources import iter_jsonl
+from curation.pipeline.sources import iter_candidates
 from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
-from probes.files import write_json_atomic
+from probes.files import path_sha256, path_size, write_json_atomic
+from probes.layouts import Layout
 from probes.models import LoadedModel
 from probes.refusal import RefusalProbe
+from probes.rows import expand
 
 _PACKAGES = ("curation", "probes", "training")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def code_version() -> dict[str, Any]:
@@ -77,6 +71,7 @@ class NightlySettings:
     strategy: str = "cliff"
     seed: int = 0
     score: ScoreSettings = ScoreSettings()
+    layout: Layout = Layout()
 
 
 def run_nightly(lm: LoadedModel, probe: RefusalProbe, cfg: NightlySettings, fmt: ThinkingFormat,
@@ -93,9 +88,8 @@ def run_nightly(lm: LoadedModel, probe: RefusalProbe, cfg: NightlySettings, fmt:
     run_dir.mkdir(parents=True)
     inputs = []
     for source in cfg.sources:
-        if not Path(source).exists():
-            raise FileNotFoundError(f"source not found: {source}")
-        inputs.append({"path": source, "sha256": file_sha256(source), "bytes": Path(source).stat().st_size})
+        for path in expand(source, "--sources"):
+            inputs.append({"path": str(path), "source": source, "sha256": path_sha256(path), "bytes": path_size(path)})
     durations: dict[str, float] = {}
     per_source: dict[str, dict[str, Any]] = {}
     with store or Store(cfg.db) as store:
@@ -103,7 +97,8 @@ def run_nightly(lm: LoadedModel, probe: RefusalProbe, cfg: NightlySettings, fmt:
             t0 = time.monotonic()
             counts: dict[str, int] = {}
             # Bad rows of any kind are quarantined with the run's id as they pass; none stops the night.
-            summary = score_records(lm, probe, store, iter_jsonl(source, counts=counts), fmt, cfg.score)
+            summary = score_records(lm, probe, store, iter_candidates(source, counts=counts, layout=cfg.layout), fmt, cfg.score,
+                                    inputs=[i for i in inputs if i["source"] == source])
             per_source[source] = {"candidates": summary.n_candidates, "new_examples": summary.n_new_examples,
                                   "already_scored": summary.n_already_scored, "scored": summary.n_scored,
                                   "quarantined": summary.n_quarantined, "quarantined_new": summary.n_quarantined_new,
@@ -118,7 +113,7 @@ def run_nightly(lm: LoadedModel, probe: RefusalProbe, cfg: NightlySettings, fmt:
                                      as_of=as_of)
         durations["select"] = round(time.monotonic() - t0, 2)
     resolved = {
-        "manifest": {"path": manifest_path, "sha256": file_sha256(manifest_path) if manifest_path else None},
+        "manifest": {"path": manifest_path, "sha256": path_sha256(manifest_path) if manifest_path else None},
         "settings": resolved_settings,
         "inputs": inputs,
         "model": {"path": cfg.model, "fingerprint": lm.fingerprint},

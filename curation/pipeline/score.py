@@ -101,6 +101,7 @@ def score_records(
     run_id: str | None = None,
     progress: Callable[[int], None] | None = None,
     engine: ScoringEngine | None = None,
+    inputs: Sequence[dict[str, Any]] = (),
 ) -> ScoreSummary:
     """Score every record not yet scored with this model and probe.
 
@@ -109,6 +110,7 @@ def score_records(
     chunk's new examples are stored, its unscored rows go to the engine, and
     its score rows are committed in one transaction, so memory does not grow
     with the pool and a killed job loses at most the chunks in flight.
+    ``inputs`` (path, sha256 of each source file) go into the run's record, for the slice's card.
     ``lm`` may be a weightless shell (``load_model_shell``) when the engine
     holds the real model elsewhere (Ray actors).
     """
@@ -116,7 +118,7 @@ def score_records(
     engine = engine or LocalEngine(lm, probe, fmt, settings)
     run_id = run_id or uuid.uuid4().hex[:12]
     store.start_run(run_id, "score", {"settings": settings.__dict__, "format": fmt.close_marker,
-                                      "engine": type(engine).__name__}, lm.fingerprint, probe.probe_id)
+                                      "engine": type(engine).__name__, "inputs": list(inputs)}, lm.fingerprint, probe.probe_id)
     counts = {"candidates": 0, "new_examples": 0, "already_scored": 0, "scored": 0, "unclosed": 0, "over_context": 0,
               "quarantined": 0, "quarantined_new": 0}
     status = "failed"

@@ -3,19 +3,17 @@ training pairs with a manifest that says exactly how it was made."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import orjson
-
+from curation.pipeline.slice_out import card_path, content_sha256, write_card, write_slice
 from curation.pipeline.sources import split_response
 from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
-from probes.files import atomic_path, write_json_atomic
+from probes.files import write_json_atomic
 
 # cliff: top MS. random: seeded sample. full: everything. Baselines from the
 # source paper: low-final (lowest final score I′ only: what its public ranking
@@ -90,6 +88,8 @@ class SelectionManifest:
     output_sha256: str
     created_at: str
     as_of: str | None = None  # only rows scored by then were read (set by curate run, for exact replays)
+    out_format: str = "jsonl"
+    card: str | None = None  # the dataset card written beside the slice
 
 
 def choose_pair(store: Store, model_fingerprint: str | None, probe_id: str | None) -> tuple[str, str]:
@@ -151,8 +151,10 @@ def export_selection(
     model_fingerprint: str | None = None,
     probe_id: str | None = None,
     as_of: datetime | None = None,
+    out_format: str = "jsonl",
 ) -> SelectionManifest:
-    """Write the selected training pairs (jsonl) and ``<out>.manifest.json``.
+    """Write the selected training pairs (jsonl, parquet or a saved dataset, ``out_format``),
+    its dataset card and ``<out>.manifest.json``.
 
     Each pair's target is, by default, the model's own reasoning as scored, then
     the close marker, then the candidate's safe answer (the source paper's
@@ -164,22 +166,20 @@ def export_selection(
     rows, n_pool, scores_hash = select_rows(store, strategy, budget, seed, fp, pid, as_of)
     ids = [r[0] for r in rows]
     out = Path(out)
-    with atomic_path(out) as tmp, tmp.open("wb") as fh:
-        for rank, (example_id, prompt, response, category, source, ms, own_reasoning) in enumerate(rows):
-            cand_reasoning, answer = split_response(response, fmt)
-            reasoning = own_reasoning if target == "own-reasoning" else cand_reasoning
-            record = {
-                "id": example_id,
-                "prompt": prompt,
-                "reasoning": reasoning,
-                "answer": answer,
-                "category": category,
-                "source": source,
-                "misalignment": ms,
-                "rank": rank,
-            }
-            # orjson: a large slice is mostly encoding time with the standard library.
-            fh.write(orjson.dumps(record) + b"\n")
+    records = []
+    for rank, (example_id, prompt, response, category, source, ms, own_reasoning) in enumerate(rows):
+        cand_reasoning, answer = split_response(response, fmt)
+        records.append({
+            "id": example_id,
+            "prompt": prompt,
+            "reasoning": own_reasoning if target == "own-reasoning" else cand_reasoning,
+            "answer": answer,
+            "category": category,
+            "source": source,
+            "misalignment": ms,
+            "rank": rank,
+        })
+    write_slice(records, out, out_format)
     manifest = SelectionManifest(
         strategy=strategy,
         budget=budget.text,
@@ -193,10 +193,13 @@ def export_selection(
         scores_hash=scores_hash,
         ids=ids,
         output=str(out),
-        output_sha256=hashlib.sha256(out.read_bytes()).hexdigest(),
+        output_sha256=content_sha256(records),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         as_of=as_of.isoformat() if as_of is not None else None,
+        out_format=out_format,
+        card=str(card_path(out, out_format)),
     )
+    write_card(out, out_format, asdict(manifest), records, store.misalignment_quantiles(fp, pid, as_of), store.score_inputs(fp, pid))
     manifest_path = manifest_path_for(out)
     write_json_atomic(manifest_path, asdict(manifest))
     return manifest

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from probes.chat import ThinkingFormat
+from probes.layouts import Layout
+from probes.rows import Row, iter_rows
 
 _KNOWN_FIELDS = {"id", "prompt", "response", "category", "source"}
 
@@ -100,83 +102,71 @@ def _has_surrogate(text: str) -> bool:
     return False
 
 
-def _parse(raw: str) -> tuple[object, str | None]:
-    """The JSON value of one line, or why it has none. Every failure is a reason, never an exception:
-    JSON nested past Python's recursion limit, a number past the integer digit limit, and the like."""
-    try:
-        return json.loads(raw), None
-    except json.JSONDecodeError as exc:
-        return None, f"malformed JSON: {exc.msg} (column {exc.colno})"
-    except RecursionError:
-        return None, "JSON nested too deeply to read"
-    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
-        return None, f"unreadable JSON value: {' '.join(str(exc).split())[:200]}"
-
-
-def iter_jsonl(
-    path: str | Path, source: str | None = None, counts: dict[str, int] | None = None
+def iter_candidates(
+    spec: str | Path, source: str | None = None, counts: dict[str, int] | None = None, layout: Layout | None = None,
+    flag: str = "--data",
 ) -> Iterator[CandidateRecord | QuarantinedRow]:
-    """Stream candidate records from a jsonl file, one at a time, with bad rows
-    yielded as ``QuarantinedRow`` (file, line, reason) in their place: every
-    non-blank line yields exactly one item, and no row, however malformed,
-    raises. Content met before in the file is yielded again with
-    ``repeat=True`` (its id and category become aliases) and counted in
-    ``counts["duplicates"]`` when a dict is given; the only state kept is one
-    short id per distinct row."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"candidate file not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"--data {path} is a directory; give a jsonl file")
-    src = source or path.name
+    """Stream candidate records from jsonl, csv, parquet (a file, a folder or a glob) or a saved
+    Hugging Face dataset, with bad rows yielded as ``QuarantinedRow`` (file, line or row number,
+    reason) in their place: every row that is not blank or filtered out by ``layout.where``
+    yields exactly one item, and no row, however malformed, raises. Content met before in the
+    stream is yielded again with ``repeat=True`` (its id and category become aliases) and counted
+    in ``counts["duplicates"]``; rows left out by ``--where`` are counted in ``counts["filtered"]``.
+    The only state kept is one short id per distinct row."""
+    layout = layout or Layout()
     seen_ids: set[str] = set()
     declared: dict[str, str] = {}
-    for lineno, raw_bytes in _lines(path):
-        if not raw_bytes.strip():
-            continue
+    for row in iter_rows(spec, flag):
+        src = source or Path(row.file.split("[")[0]).name
         try:
-            item = _read_row(path, src, lineno, raw_bytes, seen_ids, declared)
+            if row.error is None and isinstance(row.value, dict) and not layout.keeps(row.value):
+                if counts is not None:
+                    counts["filtered"] = counts.get("filtered", 0) + 1
+                continue
+            item = _read_row(row, layout, src, seen_ids, declared)
         except Exception as exc:  # noqa: BLE001 - one row never stops the job: whatever it raises, it is quarantined
-            item = QuarantinedRow(str(path), lineno, f"unreadable row: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
-                                  raw_bytes.decode("utf-8", "replace"))
+            item = QuarantinedRow(row.file, row.locator, f"unreadable row: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+                                  row.raw)
         if isinstance(item, CandidateRecord) and item.repeat and counts is not None:
             counts["duplicates"] = counts.get("duplicates", 0) + 1
         yield item
 
 
-def _read_row(path: Path, src: str, lineno: int, raw_bytes: bytes, seen_ids: set[str],
+def iter_jsonl(
+    path: str | Path, source: str | None = None, counts: dict[str, int] | None = None
+) -> Iterator[CandidateRecord | QuarantinedRow]:
+    """``iter_candidates`` with the default layout (the name the jsonl-only reader had)."""
+    return iter_candidates(path, source, counts)
+
+
+def _read_row(row: Row, layout: Layout, src: str, seen_ids: set[str],
               declared: dict[str, str]) -> CandidateRecord | QuarantinedRow:
-    try:
-        raw = raw_bytes.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return QuarantinedRow(str(path), lineno, f"not UTF-8 ({exc.reason} at byte {exc.start})", raw_bytes.decode("utf-8", "replace"))
-    obj, why = _parse(raw)
-    if why is not None:
-        return QuarantinedRow(str(path), lineno, why, raw)
-    row, reason = _validate(obj)
-    if row is None:
-        return QuarantinedRow(str(path), lineno, reason or "invalid row", raw)
-    cid = content_id(row["prompt"], row["response"])
-    user_id = row.get("id")
+    if row.error is not None:
+        return QuarantinedRow(row.file, row.locator, row.error, row.raw)
+    mapped, reason = _validate(layout.apply(row.value))
+    if mapped is None:
+        return QuarantinedRow(row.file, row.locator, reason or "invalid row", row.raw)
+    cid = content_id(mapped["prompt"], mapped["response"])
+    user_id = mapped.get("id")
     if user_id is not None:
         if user_id in declared and declared[user_id] != cid:
-            return QuarantinedRow(str(path), lineno, f"duplicate id with different content: '{user_id}'", raw)
+            return QuarantinedRow(row.file, row.locator, f"duplicate id with different content: '{user_id}'", row.raw)
         declared[user_id] = cid
     repeat = cid in seen_ids
     seen_ids.add(cid)
-    extra = {k: v for k, v in row.items() if k not in _KNOWN_FIELDS}
+    extra = {k: v for k, v in mapped.items() if k not in _KNOWN_FIELDS}
     # Extra fields are stored as JSON text: NaN, infinities or lone surrogates in them fail here, for this row only.
-    json.dumps(extra, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    json.dumps(extra, allow_nan=False, ensure_ascii=False, default=str).encode("utf-8")
     if user_id is not None:
         extra["source_id"] = user_id
     return CandidateRecord(
         id=cid,
-        prompt=row["prompt"],
-        response=row["response"],
-        category=row.get("category"),
-        source=row.get("source") or src,
+        prompt=mapped["prompt"],
+        response=mapped["response"],
+        category=mapped.get("category"),
+        source=mapped.get("source") or src,
         extra=extra,
-        origin=(str(path), lineno),
+        origin=(row.file, row.locator),
         source_id=user_id,
         repeat=repeat,
     )
@@ -193,9 +183,3 @@ def read_jsonl(path: str | Path, source: str | None = None) -> ReadResult:
         elif not item.repeat:
             records.append(item)
     return ReadResult(records=records, quarantined=quarantined, duplicates=counts.get("duplicates", 0))
-
-
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    with path.open("rb") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            yield lineno, line.rstrip(b"\r\n")

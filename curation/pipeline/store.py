@@ -526,6 +526,26 @@ class Store:
                 ("run", "kind", "status", "started_at", "seconds", "counts")),
         }
 
+    def misalignment_quantiles(self, model_fingerprint: str, probe_id: str, as_of: datetime | None = None) -> list[float | None]:
+        """Approximate min, quartiles and max of MS over the pool (a t-digest: cheap on millions of rows)."""
+        row = self.con.execute(
+            "SELECT approx_quantile(misalignment, [0, 0.25, 0.5, 0.75, 1]) FROM scores WHERE model_fingerprint = ? "
+            "AND probe_id = ? AND isfinite(misalignment) AND (CAST(? AS TIMESTAMP) IS NULL OR scored_at <= CAST(? AS TIMESTAMP))",
+            [model_fingerprint, probe_id, as_of, as_of],
+        ).fetchone()
+        return list(row[0]) if row and row[0] is not None else [None] * 5
+
+    def score_inputs(self, model_fingerprint: str, probe_id: str) -> list[dict[str, Any]]:
+        """The source files (path, sha256) that scoring runs of this model and probe read."""
+        seen: dict[tuple[str, str], dict[str, Any]] = {}
+        for (params,) in self.con.execute(
+            "SELECT params FROM runs WHERE kind = 'score' AND model_fingerprint = ? AND probe_id = ? ORDER BY started_at",
+            [model_fingerprint, probe_id],
+        ).fetchall():
+            for item in (json.loads(params) if params else {}).get("inputs", []):
+                seen.setdefault((item["path"], item["sha256"]), item)
+        return list(seen.values())
+
     def categories(self, ids: Sequence[str]) -> dict[str, str | None]:
         """example id -> category, for ``ids``."""
         return dict(self.con.execute("SELECT id, category FROM examples WHERE id IN (SELECT unnest(?))", [list(ids)]).fetchall())
