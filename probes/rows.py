@@ -142,7 +142,7 @@ def _csv_rows(path: Path) -> Iterator[Row]:
                 yield Row(str(path), start, None, f"malformed CSV: {exc}", "")
                 continue
             raw = ",".join(str(v) for v in row.values())
-            if any(isinstance(v, str) and _has_surrogate(v) for v in row.values()) or None in row:
+            if any(isinstance(v, str) and has_surrogate(v) for v in row.values()) or None in row:
                 why = "not UTF-8" if None not in row else "more fields than the header"
                 yield Row(str(path), start, None, why, raw.encode("utf-8", "replace").decode("utf-8"))
                 continue
@@ -187,7 +187,8 @@ def _as_text(record: Any) -> str:
         return repr(record)[:100_000]
 
 
-def _has_surrogate(text: str) -> bool:
+def has_surrogate(text: str) -> bool:
+    """Valid in a Python string (a JSON escape, a csv byte read with surrogateescape), not in UTF-8."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -147,9 +147,14 @@ def run_select(s: Settings) -> int:
     with Store(s["db"], read_only=True, on_wait=lambda m: console.print(m, soft_wrap=True, markup=False)) as store:
         m = export_selection(store, s["out"], strategy=s["strategy"], budget_text=s["budget"], seed=s["seed"],
                              target=s["target"], fmt=thinking_format(s), model_fingerprint=s["model_fingerprint"], probe_id=s["probe_id"],
-                             out_format=s["out_format"])
+                             out_format=s["out_format"], include_unclosed=s["include_unclosed"])
     out_console.print(f"selected {m.n_selected} of {m.n_pool} ({m.strategy}, budget {m.budget}) -> {m.output} ({m.out_format}); "
                       f"card {m.card}")
+    left = {k: v for k, v in (m.left_out or {}).items() if v}
+    if left:
+        console.print("left out of the pool: " + ", ".join(f"{n} {why.replace('_', '-')}" for why, n in left.items())
+                      + ("" if m.include_unclosed else " (unclosed: reasoning hit the length cap; --include-unclosed keeps them)"),
+                      soft_wrap=True, markup=False)
     return 0
 
 
@@ -162,6 +167,7 @@ SELECT_VERB = Verb("select", "select a budgeted slice and export it as training 
         Option("--out-format", str, "jsonl", "jsonl (training pairs), parquet, or hf (a saved Hugging Face dataset folder)",
                choices=("jsonl", "parquet", "hf")),
         Option("--target", str, "own-reasoning", "own-reasoning (paper recipe) or candidate", choices=("own-reasoning", "candidate")),
+        Option("--include-unclosed", None, False, "also select rows whose reasoning hit the length cap (cut off)"),
         Option("--model-fingerprint", str, None, "which model's scores (default: most recent)"),
         Option("--probe-id", str, None, "which probe's scores (default: most recent)"),
 ] + MARKER_OPTIONS, run_select,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rich.table import Table
 
 from curation.cli.options import Option
-from curation.cli.progress import VERBOSITY, track
+from curation.cli.progress import VERBOSITY, stages, track
 from curation.cli.verb import (
     DATA_OPTIONS,
     MODEL_OPTIONS,
@@ -25,15 +26,20 @@ from training.attack_names import ATTACKS as ATTACK_NAMES
 
 
 def run_organism_build(s: Settings) -> int:
-    from rich.progress import Progress
-
     from training.organism.build import OrganismConfig, build_organism
 
     suppressed = tuple(a.strip() for a in s["suppressed"].split(",") if a.strip())
     cfg = OrganismConfig(size=s["size"], moe=s["moe"], seed=s["seed"], suppressed=suppressed, epochs=s["epochs"])
-    with Progress(console=console) as progress:
-        task = progress.add_task("training organism", total=None)
-        meta = build_organism(s["out"], cfg, progress=lambda step, n, loss: progress.update(task, completed=step, total=n, description=f"training organism (loss {loss:.3f})"))
+    with stages("training organism") as say:
+        # A step is milliseconds: one report per 5% of the steps (a line each without a terminal).
+        started = time.monotonic()
+
+        def report(step: int, n: int, loss: float) -> None:
+            if step == n or step % max(1, n // 20) == 0:
+                rate = step / max(time.monotonic() - started, 1e-9)
+                say(f"step {step}/{n}, loss {loss:.3f}, {rate:.1f} steps/s, ETA {(n - step) / rate if rate else 0:.0f}s")
+
+        meta = build_organism(s["out"], cfg, progress=report)
     out_console.print(f"organism saved to {s['out']}: {meta['architecture']}, {meta['parameters']:,} parameters, built in {meta['build_seconds']} s")
     return 0
 

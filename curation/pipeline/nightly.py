@@ -139,7 +139,9 @@ def reproduce(resolved_path: str | Path, out: str | Path, fmt: ThinkingFormat) -
     with Store(resolved["db"], read_only=True) as store:
         again = export_selection(store, out, strategy=sel["strategy"], budget_text=sel["budget"], seed=sel["seed"],
                                  target=sel["target"], fmt=fmt, model_fingerprint=sel["model_fingerprint"],
-                                 probe_id=sel["probe_id"], as_of=as_of)
+                                 probe_id=sel["probe_id"], as_of=as_of,
+                                 # a night recorded before this field existed selected with unclosed rows in
+                                 include_unclosed=sel.get("include_unclosed", True))
     ids_sha = hashlib.sha256("\n".join(again.ids).encode()).hexdigest()
     return {"identical": again.output_sha256 == sel["output_sha256"] and ids_sha == sel["ids_sha256"],
             "n_selected": again.n_selected, "original_output_sha256": sel["output_sha256"],

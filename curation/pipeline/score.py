@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from curation.pipeline.quarantine import failed_row, is_finite, non_finite_row, reused_id_row
 from curation.pipeline.sources import CandidateRecord, QuarantinedRow
 from curation.pipeline.store import ScoreRow
 from probes.chat import ThinkingFormat, render_generation_prompt, split_completion
@@ -123,6 +124,8 @@ def score_records(
               "quarantined": 0, "quarantined_new": 0}
     status = "failed"
 
+    inflight: dict[str, CandidateRecord] = {}  # pending records by id, until their rows come back
+
     def quarantine(rows: list[QuarantinedRow]) -> None:
         counts["quarantined_new"] += store.add_quarantine(rows, run_id)
         counts["quarantined"] += len(rows)
@@ -136,7 +139,7 @@ def score_records(
             counts["candidates"] += sum(1 for r in raw_chunk if not r.repeat)
             reused = store.reused_ids(raw_chunk)
             if reused:
-                quarantine([_reused_id_row(r, reused[r.source_id]) for r in raw_chunk if r.source_id in reused])
+                quarantine([reused_id_row(r, reused[r.source_id]) for r in raw_chunk if r.source_id in reused])
                 raw_chunk = [r for r in raw_chunk if r.source_id not in reused]
             fresh, too_long = _within_context(lm, [r for r in raw_chunk if not r.repeat], fmt, settings)
             if too_long:
@@ -149,14 +152,18 @@ def score_records(
                 store.unscored_ids([r.id for r in unique], lm.fingerprint, probe.probe_id, need_verdict=settings.judge_answers)
             )
             pending = [r for r in unique if r.id in pending_ids]
+            inflight.update((r.id, r) for r in pending)
             counts["already_scored"] += len(fresh) - len(pending)
             store.release()  # readers may use the store while this chunk is generated
             yield pending, len(items)
 
     try:
         for n_raw, items in engine.score(pending_chunks(), run_id):
-            rows = [r for r in items if isinstance(r, ScoreRow)]
-            failed = [r for r in items if isinstance(r, QuarantinedRow)]
+            scored = [r for r in items if isinstance(r, ScoreRow)]
+            rows = [r for r in scored if is_finite(r)]
+            failed = [r for r in items if isinstance(r, QuarantinedRow)] + [non_finite_row(inflight, r) for r in scored if not is_finite(r)]
+            for r in scored:
+                inflight.pop(r.example_id, None)
             if failed:
                 quarantine(failed)
             if rows:
@@ -172,12 +179,6 @@ def score_records(
         store.release()
     return ScoreSummary(run_id, counts["candidates"], counts["new_examples"], counts["already_scored"], counts["scored"],
                         counts["unclosed"], counts["over_context"], counts["quarantined"], counts["quarantined_new"])
-
-
-def _reused_id_row(record: CandidateRecord, other: str) -> QuarantinedRow:
-    file, line = record.origin or (record.source or "?", 0)
-    return QuarantinedRow(file, line, f"id '{record.source_id}' already names other content in the store (example {other})",
-                          record.prompt[:2000])
 
 
 def _chunks(items: Iterable[CandidateRecord | QuarantinedRow], size: int) -> Iterator[list[CandidateRecord | QuarantinedRow]]:
@@ -225,20 +226,14 @@ def score_chunk_safely(
         return list(score_chunk(lm, probe, chunk, fmt, settings, run_id))
     except Exception as exc:  # noqa: BLE001 - find the row that broke it; the others are scored
         if len(chunk) == 1:
-            return [_failed_row(chunk[0], exc)]
+            return [failed_row(chunk[0], exc)]
     out: list[ScoredItem] = []
     for record in chunk:
         try:
             out.extend(score_chunk(lm, probe, [record], fmt, settings, run_id))
         except Exception as exc:  # noqa: BLE001
-            out.append(_failed_row(record, exc))
+            out.append(failed_row(record, exc))
     return out
-
-
-def _failed_row(record: CandidateRecord, exc: BaseException) -> QuarantinedRow:
-    file, line = record.origin or (record.source or "?", 0)
-    text = " ".join(str(exc).split())[:300]
-    return QuarantinedRow(file, line, f"scoring failed: {type(exc).__name__}: {text}", record.prompt[:2000])
 
 
 def score_chunk(

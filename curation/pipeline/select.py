@@ -90,6 +90,10 @@ class SelectionManifest:
     as_of: str | None = None  # only rows scored by then were read (set by curate run, for exact replays)
     out_format: str = "jsonl"
     card: str | None = None  # the dataset card written beside the slice
+    # Unclosed (length-capped) reasoning in the pool? And the rows left out of it, by reason.
+    # Manifests written before these fields existed selected with unclosed rows in.
+    include_unclosed: bool = False
+    left_out: dict[str, int] | None = None
 
 
 def choose_pair(store: Store, model_fingerprint: str | None, probe_id: str | None) -> tuple[str, str]:
@@ -104,9 +108,19 @@ def choose_pair(store: Store, model_fingerprint: str | None, probe_id: str | Non
     return matches[0][0], matches[0][1]
 
 
+@dataclass(frozen=True)
+class Pool:
+    rows: list[tuple]  # the chosen rows, in rank order
+    n_pool: int
+    scores_hash: str  # of the score rows read
+    left_out: dict[str, int]  # rows not in the pool, by reason: non_finite, unclosed
+
+
 def select_rows(store: Store, strategy: str, budget: Budget, seed: int, model_fingerprint: str, probe_id: str,
-                as_of: datetime | None = None) -> tuple[list[tuple], int, str]:
-    """(chosen rows in rank order, pool size, hash of the score rows read).
+                as_of: datetime | None = None, include_unclosed: bool = False) -> Pool:
+    """The chosen rows and the pool they came from. Rows with a non-finite score are never in the
+    pool; rows whose reasoning hit the length cap only with ``include_unclosed`` (their reasoning
+    is cut off, and exporting it as the model's own would teach a truncated trace).
 
     Everything runs inside DuckDB, so selecting from millions of rows never
     moves the pool into Python: rankings are ``ORDER BY … LIMIT``, and seeded
@@ -114,29 +128,31 @@ def select_rows(store: Store, strategy: str, budget: Budget, seed: int, model_fi
     """
     if strategy not in STRATEGIES:
         raise BudgetError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    n_pool, scores_hash, n_missing_verdicts = store.pool_summary(model_fingerprint, probe_id, as_of)
+    n_pool, scores_hash, n_missing_verdicts, left_out = store.pool_summary(model_fingerprint, probe_id, as_of, include_unclosed)
     if n_pool == 0:
-        raise BudgetError(f"{store.path} holds no scores for model {model_fingerprint} / probe {probe_id}")
+        why = f" ({left_out['unclosed']} unclosed rows left out: see --include-unclosed)" if left_out["unclosed"] else ""
+        raise BudgetError(f"{store.path} holds no selectable scores for model {model_fingerprint} / probe {probe_id}{why}")
+    pick = {"as_of": as_of, "include_unclosed": include_unclosed}
     n = n_pool if strategy == "full" else budget.count(n_pool)
     if strategy in ("cliff", "low-final", "plateau"):
-        rows = store.selection(model_fingerprint, probe_id, strategy, n, as_of=as_of)
+        rows = store.selection(model_fingerprint, probe_id, strategy, n, **pick)
     elif strategy == "random":
-        rows = store.selection(model_fingerprint, probe_id, "sample", n, seed=seed, output_order="id", as_of=as_of)
+        rows = store.selection(model_fingerprint, probe_id, "sample", n, seed=seed, output_order="id", **pick)
     elif strategy == "rule":
         if n_missing_verdicts:
             raise BudgetError("--strategy rule needs the model's own answers: score with --judge-answers")
         # Fewer eligible than the budget: all of them (the manifest's count says so).
         rows = store.selection(model_fingerprint, probe_id, "sample", n, seed=seed, exclude_refusals=True, output_order="id",
-                               as_of=as_of)
+                               **pick)
     else:
-        rows = store.selection(model_fingerprint, probe_id, "id", n_pool, as_of=as_of)
-    return rows, n_pool, scores_hash
+        rows = store.selection(model_fingerprint, probe_id, "id", n_pool, **pick)
+    return Pool(rows, n_pool, scores_hash, left_out)
 
 
 def select_ids(store: Store, strategy: str, budget: Budget, seed: int, model_fingerprint: str, probe_id: str) -> tuple[list[str], int, str]:
     """Like ``select_rows``, ids only."""
-    rows, n_pool, digest = select_rows(store, strategy, budget, seed, model_fingerprint, probe_id)
-    return [r[0] for r in rows], n_pool, digest
+    pool = select_rows(store, strategy, budget, seed, model_fingerprint, probe_id)
+    return [r[0] for r in pool.rows], pool.n_pool, pool.scores_hash
 
 
 def export_selection(
@@ -152,18 +168,21 @@ def export_selection(
     probe_id: str | None = None,
     as_of: datetime | None = None,
     out_format: str = "jsonl",
+    include_unclosed: bool = False,
 ) -> SelectionManifest:
     """Write the selected training pairs (jsonl, parquet or a saved dataset, ``out_format``),
     its dataset card and ``<out>.manifest.json``.
 
     Each pair's target is, by default, the model's own reasoning as scored, then
     the close marker, then the candidate's safe answer (the source paper's
-    recipe); ``target="candidate"`` keeps the candidate's own response.
+    recipe); ``target="candidate"`` keeps the candidate's own response. Non-finite scores are
+    never selected; unclosed reasoning only with ``include_unclosed``; the manifest counts both.
     """
     fmt = fmt or ThinkingFormat()
     budget = parse_budget(budget_text)
     fp, pid = choose_pair(store, model_fingerprint, probe_id)
-    rows, n_pool, scores_hash = select_rows(store, strategy, budget, seed, fp, pid, as_of)
+    pool = select_rows(store, strategy, budget, seed, fp, pid, as_of, include_unclosed)
+    rows, n_pool, scores_hash = pool.rows, pool.n_pool, pool.scores_hash
     ids = [r[0] for r in rows]
     out = Path(out)
     records = []
@@ -198,6 +217,8 @@ def export_selection(
         as_of=as_of.isoformat() if as_of is not None else None,
         out_format=out_format,
         card=str(card_path(out, out_format)),
+        include_unclosed=include_unclosed,
+        left_out=pool.left_out,
     )
     write_card(out, out_format, asdict(manifest), records, store.misalignment_quantiles(fp, pid, as_of), store.score_inputs(fp, pid))
     manifest_path = manifest_path_for(out)

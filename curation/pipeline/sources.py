@@ -13,7 +13,7 @@ from typing import Any
 
 from probes.chat import ThinkingFormat
 from probes.layouts import Layout
-from probes.rows import Row, iter_rows
+from probes.rows import Row, has_surrogate, iter_rows
 
 _KNOWN_FIELDS = {"id", "prompt", "response", "category", "source"}
 
@@ -88,18 +88,10 @@ def _validate(obj: object) -> tuple[dict[str, Any] | None, str | None]:
         if name in obj and obj[name] is not None and not isinstance(obj[name], str):
             return None, f"field '{name}' must be a string, got {type(obj[name]).__name__}"
     for name in ("prompt", "response", "category", "source", "id"):
-        if isinstance(obj.get(name), str) and _has_surrogate(obj[name]):
+        if isinstance(obj.get(name), str) and has_surrogate(obj[name]):
             # Valid JSON ("\ud800"), but no UTF-8 text: it would fail at hashing or storing.
             return None, f"field '{name}' holds a lone surrogate escape (not valid Unicode text)"
     return obj, None
-
-
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def iter_candidates(

@@ -88,6 +88,12 @@ SCHEMA = (
         source VARCHAR,
         category VARCHAR,
         added_at TIMESTAMP NOT NULL)""",
+    # A store written before these columns and tables existed is upgraded in place, once: old
+    # quarantine rows get their digest, old examples their first alias (so ids they declared are known).
+    "UPDATE quarantine SET raw_sha256 = sha256(coalesce(raw, '')) WHERE raw_sha256 IS NULL",
+    """INSERT INTO example_aliases (example_id, source_id, source, category, added_at)
+       SELECT id, json_extract_string(extra, '$.source_id'), source, category, added_at FROM examples
+       WHERE (SELECT count(*) FROM example_aliases) = 0""",
 )
 
 # A DuckDB file carries this magic at byte 8; anything else is refused before DuckDB opens it.
@@ -354,23 +360,32 @@ class Store:
         "sample": "md5(example_id || ':' || CAST($seed AS VARCHAR)), example_id",
     }
 
-    def pool_summary(self, model_fingerprint: str, probe_id: str, as_of: datetime | None = None) -> tuple[int, str, int]:
-        """(rows, an order-free hash of their key and score columns, rows without an answer verdict);
-        with ``as_of``, only rows scored by then (the pool a past selection saw)."""
+    def pool_summary(self, model_fingerprint: str, probe_id: str, as_of: datetime | None = None,
+                     include_unclosed: bool = False) -> tuple[int, str, int, dict[str, int]]:
+        """(rows in the pool, an order-free hash of their key and score columns, pool rows without an
+        answer verdict, rows left out and why); with ``as_of``, only rows scored by then (the pool a
+        past selection saw). Non-finite scores are always left out, unclosed reasoning unless asked for."""
         row = self.con.execute(
-            "SELECT count(*), bit_xor(hash(example_id, misalignment, plateau, final, coalesce(answer_verdict, ''))), "
-            "count(*) FILTER (WHERE answer_verdict IS NULL) FROM scores WHERE model_fingerprint = ? AND probe_id = ? "
-            "AND (CAST(? AS TIMESTAMP) IS NULL OR scored_at <= CAST(? AS TIMESTAMP))",
-            [model_fingerprint, probe_id, as_of, as_of],
+            "SELECT count(*) FILTER (WHERE keep), "
+            "bit_xor(hash(example_id, misalignment, plateau, final, coalesce(answer_verdict, ''))) FILTER (WHERE keep), "
+            "count(*) FILTER (WHERE keep AND answer_verdict IS NULL), "
+            "count(*) FILTER (WHERE NOT isfinite(misalignment)), count(*) FILTER (WHERE isfinite(misalignment) AND NOT closed AND NOT ?) "
+            "FROM (SELECT *, isfinite(misalignment) AND (? OR closed) AS keep FROM scores WHERE model_fingerprint = ? AND probe_id = ? "
+            "AND (CAST(? AS TIMESTAMP) IS NULL OR scored_at <= CAST(? AS TIMESTAMP)))",
+            [include_unclosed, include_unclosed, model_fingerprint, probe_id, as_of, as_of],
         ).fetchone()
-        n, digest, missing = (int(row[0]), row[1], int(row[2])) if row else (0, None, 0)
-        return n, f"{int(digest or 0):016x}", missing
+        if not row:
+            return 0, f"{0:016x}", 0, {"non_finite": 0, "unclosed": 0}
+        n, digest, missing, non_finite, unclosed = (int(row[0]), row[1], int(row[2]), int(row[3]), int(row[4]))
+        return n, f"{int(digest or 0):016x}", missing, {"non_finite": non_finite, "unclosed": unclosed}
 
     # Rankings by one score column: (column, descending). They get a pre-filter (see _rank_cut).
     _RANK_KEYS = {"cliff": ("misalignment", True), "low-final": ("final", False), "plateau": ("plateau", True)}
     _RANK_BUCKETS = 4096
+    # The pool a selection reads: finite scores only (a NaN from an fp16 overflow or a broken
+    # checkpoint would sort above every number), and closed reasoning unless asked for.
     _POOL_FILTER = (
-        "model_fingerprint = $fp AND probe_id = $probe"
+        "model_fingerprint = $fp AND probe_id = $probe AND isfinite(misalignment) AND ($unclosed OR closed)"
         " AND (NOT $exclude OR answer_verdict IS DISTINCT FROM 'refusal')"
         " AND (CAST($as_of AS TIMESTAMP) IS NULL OR scored_at <= CAST($as_of AS TIMESTAMP))"
     )
@@ -389,7 +404,7 @@ class Store:
         column, descending = self._RANK_KEYS[order]
         lo, hi, n = self.con.execute(
             f"SELECT min({column}) FILTER (WHERE isfinite({column})), max({column}) FILTER (WHERE isfinite({column})), "
-            f"count(*) FROM scores WHERE {self._POOL_FILTER}", {k: params[k] for k in ("fp", "probe", "exclude", "as_of")},
+            f"count(*) FROM scores WHERE {self._POOL_FILTER}", {k: params[k] for k in ("fp", "probe", "exclude", "as_of", "unclosed")},
         ).fetchone()
         if lo is None or n <= 4 * limit:
             return ""
@@ -401,7 +416,7 @@ class Store:
         params.update(cut_lo=key_lo, cut_span=(float(hi) - float(lo)) or 1.0)
         counts = self.con.execute(
             f"SELECT {bin_expr} AS bin, count(*) FROM scores WHERE {self._POOL_FILTER} GROUP BY bin ORDER BY bin DESC",
-            {k: params[k] for k in ("fp", "probe", "exclude", "as_of", "cut_lo", "cut_span")},
+            {k: params[k] for k in ("fp", "probe", "exclude", "as_of", "unclosed", "cut_lo", "cut_span")},
         ).fetchall()
         seen = 0
         for bin_index, count in counts:
@@ -422,6 +437,7 @@ class Store:
         exclude_refusals: bool = False,
         output_order: str | None = None,
         as_of: datetime | None = None,
+        include_unclosed: bool = False,
     ) -> list[tuple]:
         """The first ``limit`` scored examples by ``order``, joined to their content,
         as (example_id, prompt, response, category, source, misalignment, reasoning),
@@ -432,7 +448,7 @@ class Store:
         inner = self._ORDERS[order]
         outer = self._ORDERS[output_order or order]
         params: dict[str, object] = {"fp": model_fingerprint, "probe": probe_id, "exclude": exclude_refusals, "limit": limit,
-                                     "as_of": as_of}
+                                     "as_of": as_of, "unclosed": include_unclosed}
         cut = self._rank_cut(order, limit, params) if order in self._RANK_KEYS else ""
         query = (
             "SELECT s.example_id, e.prompt, e.response, e.category, e.source, s.misalignment, s.reasoning FROM ("
