@@ -225,18 +225,22 @@ class Store:
         now = _now()
         self.con.execute("BEGIN TRANSACTION")
         try:
-            self.con.executemany(
-                "INSERT OR IGNORE INTO examples (id, prompt, response, category, source, extra, added_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self._insert_rows(
+                "INSERT OR IGNORE", "examples", ("id", "prompt", "response", "category", "source", "extra", "added_at"),
                 [[r.id, r.prompt, r.response, r.category, r.source, json.dumps(r.extra), now] for r in records if not r.repeat],
+                casts={"extra": "JSON"},
             )
+            # One set-based statement per chunk (a statement per alias cost seconds per thousand rows).
             aliases = sorted({(r.id, r.source_id, r.source, r.category) for r in records}, key=str)
-            for example_id, source_id, source, category in aliases:
-                self.con.execute(
-                    "INSERT INTO example_aliases (example_id, source_id, source, category, added_at) SELECT ?, ?, ?, ?, ? "
-                    "WHERE NOT EXISTS (SELECT 1 FROM example_aliases WHERE example_id = ? AND source_id IS NOT DISTINCT FROM ? "
-                    "AND source IS NOT DISTINCT FROM ? AND category IS NOT DISTINCT FROM ?)",
-                    [example_id, source_id, source, category, now, example_id, source_id, source, category],
-                )
+            self.con.execute(
+                "INSERT INTO example_aliases (example_id, source_id, source, category, added_at) "
+                "SELECT n.example_id, n.source_id, n.source, n.category, ? FROM "
+                "(SELECT unnest(?) AS example_id, unnest(?) AS source_id, unnest(?) AS source, unnest(?) AS category) n "
+                "WHERE NOT EXISTS (SELECT 1 FROM example_aliases a WHERE a.example_id = n.example_id "
+                "AND a.source_id IS NOT DISTINCT FROM n.source_id AND a.source IS NOT DISTINCT FROM n.source "
+                "AND a.category IS NOT DISTINCT FROM n.category)",
+                [now, *(list(column) for column in zip(*aliases, strict=True))],
+            )
             self.con.execute("COMMIT")
         except Exception:
             self.con.execute("ROLLBACK")
@@ -328,17 +332,28 @@ class Store:
         ]
         self.con.execute("BEGIN TRANSACTION")
         try:
-            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-            self.con.executemany(
-                f"{verb} INTO scores (example_id, model_fingerprint, probe_id, plateau, final, misalignment, "
-                "cliff_position, cliff_relative, steepness, n_tokens, closed, reasoning, trace, scored_at, run_id, answer_verdict) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                data,
+            self._insert_rows(
+                "INSERT OR REPLACE" if replace else "INSERT OR IGNORE", "scores",
+                ("example_id", "model_fingerprint", "probe_id", "plateau", "final", "misalignment", "cliff_position",
+                 "cliff_relative", "steepness", "n_tokens", "closed", "reasoning", "trace", "scored_at", "run_id", "answer_verdict"),
+                data, casts={"trace": "FLOAT[]", "answer_verdict": "VARCHAR"},
             )
             self.con.execute("COMMIT")
         except Exception:
             self.con.execute("ROLLBACK")
             raise
+
+    def _insert_rows(self, verb: str, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                     casts: dict[str, str] | None = None) -> None:
+        """Insert many rows in one statement: each column travels as one list parameter and is
+        unnested (``executemany`` runs a statement per row: 4 s per thousand rows on 2 cores,
+        hours on a million-row night). Table, columns and casts are fixed names from this module."""
+        if not rows:
+            return
+        casts = casts or {}
+        select = ", ".join(f"CAST(unnest(?) AS {casts[c]})" if c in casts else "unnest(?)" for c in columns)
+        self.con.execute(f"{verb} INTO {table} ({', '.join(columns)}) SELECT {select}",
+                         [list(column) for column in zip(*rows, strict=True)])
 
     def score_keys(self) -> list[tuple[str, str, int, datetime]]:
         """(model_fingerprint, probe_id, n_rows, last scored) per scored pair, newest first."""
