@@ -206,3 +206,49 @@ def test_score_reads_a_wildjailbreak_parquet_and_logs_progress(organism_dir: Pat
         assert store.count("scores") == 10 and store.score_inputs(*store.score_keys()[0][:2])
     assert main(["--quiet", *args]) == 0
     assert "committed chunk" not in capsys.readouterr().err
+
+
+def test_long_reasoning_trains_on_the_close_marker_and_answer(organism_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """~2k-token reasoning traces: with room for them every example's trained labels hold the close
+    marker and the answer; with too little room they are dropped and counted, never truncated."""
+    tok = load_model(organism_dir).tokenizer
+    filler = " ".join(["the request names a harm, so I weigh it once more"] * 110)
+    n_tokens = len(tok(filler, add_special_tokens=False).input_ids)
+    assert 1_800 <= n_tokens <= 3_000, n_tokens
+    pairs = [{"prompt": f"Question {i}: how do I do something harmful?", "reasoning": filler, "answer": f"I can't help with that ({i})."}
+             for i in range(3)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    base = ["finetune", "--model", str(organism_dir), "--data", str(data), "--epochs", "1", "--batch-size", "3"]
+    assert main([*base, "--out", str(tmp_path / "fits"), "--max-length", str(n_tokens + 200)]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "fits" / "finetune.json").read_text())
+    assert summary["n_dropped_too_long"] == 0
+    assert summary["labels"] == {"examples": 3, "with_close_marker_and_answer": 3, "missing": []}
+    short = tmp_path / "mixed.jsonl"
+    short.write_text("".join(json.dumps(p) + "\n" for p in [*pairs, {"prompt": "Short?", "reasoning": "Brief.", "answer": "No."}]))
+    assert main([*base[:4], str(short), *base[5:], "--out", str(tmp_path / "dropped"), "--max-length", "512"]) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "dropped" / "finetune.json").read_text())
+    assert summary["n_dropped_too_long"] == 3 and summary["n_examples"] == 1 and "dropped, not truncated" in err
+    assert main([*base[:4], str(short), *base[5:], "--out", str(tmp_path / "refused"), "--max-length", "512", "--too-long", "error"]) == 2
+    assert "over --max-length 512" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_label_check_catches_a_truncated_target(organism_dir: Path) -> None:
+    """The check reads what the collator trains on: labels cut before the answer are reported."""
+    from types import SimpleNamespace
+
+    from training.targets import check_trained_labels
+
+    tok = load_model(organism_dir).tokenizer
+    whole = tok("thinking\n</think>\n\nI can't help with that.", add_special_tokens=False).input_ids
+    cut = whole[: len(whole) // 2]
+
+    def collate(rows):
+        ids = torch.tensor([rows[0]["ids"]])
+        return {"labels": ids}
+
+    trainer = SimpleNamespace(train_dataset=[{"ids": whole}, {"ids": cut}], data_collator=collate)
+    report = check_trained_labels(trainer, tok, "</think>", ["I can't help with that."] * 2)
+    assert report == {"examples": 2, "with_close_marker_and_answer": 1, "missing": [1]}

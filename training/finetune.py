@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from probes.chat import ThinkingFormat, build_completion, render_generation_prompt
+from probes.chat import ThinkingFormat
 from probes.files import path_sha256
 from probes.models import load_model
 from probes.rows import iter_rows
+from training.targets import check_trained_labels, fit_targets
 
 
 @dataclass
@@ -35,7 +36,10 @@ class FinetuneConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
-    max_length: int = 512
+    # Tokens of prompt + reasoning + answer. Reasoning models think for 1-4k tokens: a target longer
+    # than this is dropped or refused (too_long), never truncated (see training.targets).
+    max_length: int = 4096
+    too_long: str = "drop"
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -127,15 +131,13 @@ def finetune_lora(
     lm = load_model(model_path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     tokenizer = lm.tokenizer
     tokenizer.padding_side = "right"  # training batches pad on the right
-    dataset = Dataset.from_list(
-        [
-            {
-                "prompt": render_generation_prompt(tokenizer, p["prompt"], fmt),
-                "completion": build_completion(p["reasoning"], p["answer"], fmt),
-            }
-            for p in pairs
-        ]
-    )
+    rows, dropped, answers = fit_targets(tokenizer, pairs, fmt, cfg.max_length, cfg.too_long)
+    if dropped:
+        log(f"warning: {len(dropped)} of {len(pairs)} training examples are longer than --max-length {cfg.max_length} "
+            f"and were dropped, not truncated (the longest: {max(d['tokens'] for d in dropped)} tokens); see finetune.json")
+    if not rows:
+        raise ValueError(f"no training example fits --max-length {cfg.max_length}")
+    dataset = Dataset.from_list(rows)
     out = Path(out_dir)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="curate-sft-") as scratch:
@@ -174,6 +176,10 @@ def finetune_lora(
             trainer.remove_callback(PrinterCallback)  # per-step loss dicts on stdout; the summary keeps the loss
             if progress == "lines":
                 trainer.add_callback(step_lines(log))
+            labels = check_trained_labels(trainer, tokenizer, fmt.close_marker, answers)
+            if labels["with_close_marker_and_answer"] < labels["examples"]:
+                log(f"warning: {labels['examples'] - labels['with_close_marker_and_answer']} training examples do not train "
+                    f"on the close marker and the answer (examples {labels['missing']})")
             result = trainer.train()
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             if tmp.exists():
@@ -185,7 +191,10 @@ def finetune_lora(
         "data": str(data_file),
         "retain": str(retain_file) if retain_file is not None else None,
         "n_safety_examples": n_safety,
-        "n_examples": len(pairs),
+        "n_examples": len(rows),
+        "n_dropped_too_long": len(dropped),
+        "dropped_too_long": dropped[:100],
+        "labels": labels,
         "train_loss": float(result.training_loss),
         "steps": int(result.global_step),
         "seconds": round(time.monotonic() - started, 1),

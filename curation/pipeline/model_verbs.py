@@ -121,6 +121,7 @@ def run_finetune(s: Settings) -> int:
 
     cfg = FinetuneConfig(epochs=s["epochs"], learning_rate=s["learning_rate"], batch_size=s["batch_size"],
                          lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], seed=s["seed"], device=s["device"],
+                         max_length=s["max_length"], too_long=s["too_long"],
                          dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
     summary = finetune_lora(s["model"], s["data"], s["out"], cfg, thinking_format(s), retain_file=s["retain"],
                             progress=VERBOSITY.mode, log=lambda m: console.print(m, soft_wrap=True, markup=False))
@@ -142,6 +143,10 @@ FINETUNE_VERB = Verb("finetune", "LoRA fine-tune (TRL SFTTrainer + PEFT) on a se
         Option("--batch-size", int, 8, "batch size", minimum=1),
         Option("--lora-r", int, 8, "LoRA rank", minimum=1),
         Option("--lora-alpha", int, 16, "LoRA alpha", minimum=1),
+        Option("--max-length", int, 4096, "most tokens of prompt + reasoning + answer; longer targets are never truncated",
+               minimum=16),
+        Option("--too-long", str, "drop", "a target over --max-length: drop it (counted, warned, listed in finetune.json) "
+               "or error (stop, naming it)", choices=("drop", "error")),
         Option("--seed", int, 0, "seed"),
 ] + MODEL_OPTIONS, run_finetune,
     outputs=(Output("--out", folder=True), Output("--merge", folder=True)), inputs=("--model", "--data", "--retain"))
