@@ -14,6 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from probes.files import path_sha256
+
 _FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _WEIGHT_SUFFIXES = (".safetensors",)
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -61,14 +63,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cached_digest(path: Path) -> str:
     """Content digest of a (possibly multi-GB) weight file, cached by size and mtime
     so a nightly job does not re-read a real model's shards on every run."""
@@ -83,7 +77,7 @@ def _cached_digest(path: Path) -> str:
             cache = {}
     if key in cache:
         return cache[key]
-    digest = _file_digest(path)
+    digest = path_sha256(path)
     cache[key] = digest
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +100,7 @@ def fingerprint_model_dir(path: str | Path, adapter: str | Path | None = None) -
         f = root / name
         if f.exists():
             h.update(name.encode())
-            h.update(_file_digest(f).encode())
+            h.update(path_sha256(f).encode())
     weights = sorted(p for p in root.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
     if not weights:
         raise FileNotFoundError(f"no .safetensors weights in {root} (pickled .bin weights are not loaded)")
@@ -118,7 +112,7 @@ def fingerprint_model_dir(path: str | Path, adapter: str | Path | None = None) -
             f = Path(adapter) / name
             if f.exists():
                 h.update(("adapter/" + name).encode())
-                h.update(_file_digest(f).encode())
+                h.update(path_sha256(f).encode())
     return h.hexdigest()[:16]
 
 

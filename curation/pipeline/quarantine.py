@@ -15,24 +15,20 @@ def is_finite(row: ScoreRow) -> bool:
     return all(math.isfinite(v) for v in (m.plateau, m.final, m.misalignment)) and all(math.isfinite(v) for v in row.trace)
 
 
-def non_finite_row(inflight: dict[str, CandidateRecord], row: ScoreRow) -> QuarantinedRow:
+def set_aside(record: CandidateRecord, reason: str) -> QuarantinedRow:
+    """The record as a quarantined row: where it was read, why, and its prompt."""
+    file, line = record.origin or (record.source or "?", 0)
+    return QuarantinedRow(file, line, reason, record.prompt[:2000])
+
+
+def non_finite_row(record: CandidateRecord) -> QuarantinedRow:
     """A trace with NaN or inf (an fp16 overflow, a broken checkpoint) is never stored as a score."""
-    record = inflight.get(row.example_id)
-    if record is not None and record.origin:
-        file, line = record.origin
-    else:
-        file, line = (record.source if record else None) or row.example_id, 0
-    return QuarantinedRow(file, line, "non-finite probe trace (NaN or inf): an fp16 overflow or a broken checkpoint?",
-                          record.prompt[:2000] if record else row.example_id)
+    return set_aside(record, "non-finite probe trace (NaN or inf): an fp16 overflow or a broken checkpoint?")
 
 
 def reused_id_row(record: CandidateRecord, other: str) -> QuarantinedRow:
-    file, line = record.origin or (record.source or "?", 0)
-    return QuarantinedRow(file, line, f"id '{record.source_id}' already names other content in the store (example {other})",
-                          record.prompt[:2000])
+    return set_aside(record, f"id '{record.source_id}' already names other content in the store (example {other})")
 
 
 def failed_row(record: CandidateRecord, exc: BaseException) -> QuarantinedRow:
-    file, line = record.origin or (record.source or "?", 0)
-    text = " ".join(str(exc).split())[:300]
-    return QuarantinedRow(file, line, f"scoring failed: {type(exc).__name__}: {text}", record.prompt[:2000])
+    return set_aside(record, f"scoring failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")

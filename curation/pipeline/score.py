@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from curation.pipeline.quarantine import failed_row, is_finite, non_finite_row, reused_id_row
+from curation.pipeline.quarantine import failed_row, is_finite, non_finite_row, reused_id_row, set_aside
 from curation.pipeline.sources import CandidateRecord, QuarantinedRow
 from curation.pipeline.store import ScoreRow
 from probes.chat import ThinkingFormat, render_generation_prompt, split_completion
@@ -124,8 +124,6 @@ def score_records(
               "quarantined": 0, "quarantined_new": 0}
     status = "failed"
 
-    inflight: dict[str, CandidateRecord] = {}  # pending records by id, until their rows come back
-
     def quarantine(rows: list[QuarantinedRow]) -> None:
         counts["quarantined_new"] += store.add_quarantine(rows, run_id)
         counts["quarantined"] += len(rows)
@@ -152,18 +150,14 @@ def score_records(
                 store.unscored_ids([r.id for r in unique], lm.fingerprint, probe.probe_id, need_verdict=settings.judge_answers)
             )
             pending = [r for r in unique if r.id in pending_ids]
-            inflight.update((r.id, r) for r in pending)
             counts["already_scored"] += len(fresh) - len(pending)
             store.release()  # readers may use the store while this chunk is generated
             yield pending, len(items)
 
     try:
         for n_raw, items in engine.score(pending_chunks(), run_id):
-            scored = [r for r in items if isinstance(r, ScoreRow)]
-            rows = [r for r in scored if is_finite(r)]
-            failed = [r for r in items if isinstance(r, QuarantinedRow)] + [non_finite_row(inflight, r) for r in scored if not is_finite(r)]
-            for r in scored:
-                inflight.pop(r.example_id, None)
+            rows = [r for r in items if isinstance(r, ScoreRow)]
+            failed = [r for r in items if isinstance(r, QuarantinedRow)]
             if failed:
                 quarantine(failed)
             if rows:
@@ -204,9 +198,7 @@ def _within_context(
     for record in chunk:
         n = len(lm.tokenizer.encode(render_generation_prompt(lm.tokenizer, record.prompt, fmt), add_special_tokens=False))
         if n + budget > limit:
-            file, line = record.origin or (record.source or "?", 0)
-            reason = f"prompt over the context limit: {n} tokens + {budget} to generate > {limit}"
-            over.append(QuarantinedRow(file, line, reason, record.prompt[:2000]))
+            over.append(set_aside(record, f"prompt over the context limit: {n} tokens + {budget} to generate > {limit}"))
         else:
             keep.append(record)
     return keep, over
@@ -221,19 +213,21 @@ def score_chunk_safely(
     run_id: str,
 ) -> list[ScoredItem]:
     """``score_chunk``, but a failure never loses the chunk: it is scored again one row at a
-    time, and each row that still fails comes back quarantined with the error as its reason."""
+    time, and each row that still fails comes back quarantined with the error as its reason.
+    A row whose trace is not finite comes back quarantined too, never as a score."""
     try:
-        return list(score_chunk(lm, probe, chunk, fmt, settings, run_id))
+        scored: list[ScoredItem] = list(score_chunk(lm, probe, chunk, fmt, settings, run_id))
     except Exception as exc:  # noqa: BLE001 - find the row that broke it; the others are scored
         if len(chunk) == 1:
             return [failed_row(chunk[0], exc)]
-    out: list[ScoredItem] = []
-    for record in chunk:
-        try:
-            out.extend(score_chunk(lm, probe, [record], fmt, settings, run_id))
-        except Exception as exc:  # noqa: BLE001
-            out.append(failed_row(record, exc))
-    return out
+        scored = []
+        for record in chunk:
+            try:
+                scored.extend(score_chunk(lm, probe, [record], fmt, settings, run_id))
+            except Exception as exc:  # noqa: BLE001
+                scored.append(failed_row(record, exc))
+    by_id = {r.id: r for r in chunk}
+    return [non_finite_row(by_id[r.example_id]) if isinstance(r, ScoreRow) and not is_finite(r) else r for r in scored]
 
 
 def score_chunk(
