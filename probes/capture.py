@@ -12,40 +12,17 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-# Attribute paths to the decoder-layer list in common architectures, tried in
-# order; PEFT wrappers add ``base_model.model`` in front, handled by unwrapping.
-_LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "layers")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    # PeftModel -> LoraModel -> the transformers model.
-    while hasattr(model, "base_model") and model.base_model is not model and hasattr(model, "peft_config"):
-        model = model.base_model
-        if hasattr(model, "model"):
-            model = model.model
-    return model
+from probes.families import UnsupportedModelError, family_of, get_path, unwrap_model
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ordered list of transformer blocks (the residual stream lives between them)."""
-    base = unwrap_model(model)
-    for path in _LAYER_PATHS:
-        obj: object = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    # Fallback: the longest ModuleList whose members share one class.
-    best: nn.ModuleList | None = None
-    for module in base.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None:
-        raise ValueError(f"cannot find decoder layers in {type(base).__name__}")
-    return best
+    family = family_of(model)
+    layers = get_path(unwrap_model(model), family.layers)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedModelError(f"{family.name} adapter: no decoder layers at {family.layers!r} "
+                                    f"in {type(unwrap_model(model)).__name__}")
+    return layers
 
 
 def num_layers(model: nn.Module) -> int:
@@ -109,51 +86,40 @@ def stop_after_layer(model: nn.Module, layer: int) -> Iterator[None]:
         handle.remove()
 
 
-# Attribute names of a block's attention module and of its output projection.
-_ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
-_OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
+def _child(model: nn.Module, layer: int, name: str, what: str) -> nn.Module:
+    block = find_decoder_layers(model)[layer]
+    module = get_path(block, name)
+    if not isinstance(module, nn.Module):
+        raise UnsupportedModelError(f"{family_of(model).name} adapter: no {what} {name!r} in {type(block).__name__}")
+    return module
 
 
-def find_attention_output(block: nn.Module) -> nn.Linear:
-    """The linear map from concatenated head outputs to the residual stream."""
-    for attn_name in _ATTN_NAMES:
-        attn = getattr(block, attn_name, None)
-        if attn is None:
-            continue
-        for proj_name in _OUT_PROJ_NAMES:
-            proj = getattr(attn, proj_name, None)
-            if isinstance(proj, nn.Linear):
-                return proj
-    raise ValueError(f"cannot find the attention output projection in {type(block).__name__}")
+def find_attention(model: nn.Module, layer: int) -> nn.Module:
+    """Layer ``layer``'s self-attention module (its output is what attention writes to the residual stream)."""
+    return _child(model, layer, family_of(model).attention, "attention module")
+
+
+def find_attention_output(model: nn.Module, layer: int) -> nn.Linear:
+    """Layer ``layer``'s linear map from concatenated head outputs to the residual stream."""
+    family = family_of(model)
+    proj = _child(model, layer, f"{family.attention}.{family.attention_output}", "attention output projection")
+    if not isinstance(proj, nn.Linear):
+        raise UnsupportedModelError(f"{family.name} adapter: {family.attention_output!r} is a {type(proj).__name__}, not a Linear")
+    return proj
 
 
 def attention_head_layout(model: nn.Module) -> tuple[int, int]:
-    """(number of query heads, head dimension) from the model's config."""
+    """(number of query heads, per-head width of the attention output) from the model's config."""
+    family = family_of(model)
     config = unwrap_model(model).config.get_text_config()
     n_heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+    head_dim = int(getattr(config, family.head_dim_key, None) or config.hidden_size // n_heads)
     return n_heads, head_dim
 
 
-_MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn")
-
-
-def _child(block: nn.Module, names: Sequence[str], what: str) -> nn.Module:
-    for name in names:
-        module = getattr(block, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise ValueError(f"cannot find the {what} in {type(block).__name__}")
-
-
-def find_attention(block: nn.Module) -> nn.Module:
-    """A block's self-attention module (its output is what attention writes to the residual stream)."""
-    return _child(block, _ATTN_NAMES, "attention module")
-
-
-def find_mlp(block: nn.Module) -> nn.Module:
-    """A block's MLP, dense or mixture-of-experts."""
-    return _child(block, _MLP_NAMES, "MLP module")
+def find_mlp(model: nn.Module, layer: int) -> nn.Module:
+    """Layer ``layer``'s MLP, dense or mixture-of-experts."""
+    return _child(model, layer, family_of(model).mlp, "MLP module")
 
 
 def replace_output_tensor(output: object, tensor: torch.Tensor) -> object:

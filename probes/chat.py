@@ -29,6 +29,12 @@ class ThinkingFormat:
     close_marker: str = "</think>"
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     system_prompt: str | None = None
+    # What a model of this format writes after the open marker, before the close
+    # marker, and between the close marker and the answer (harmony: the final
+    # channel's header). Facts of the format, used to write training targets in it.
+    after_open: str = "\n"
+    before_close: str = "\n"
+    after_close: str = "\n\n"
 
     def __post_init__(self) -> None:
         if not self.open_marker or not self.close_marker:
@@ -68,7 +74,7 @@ def render_generation_prompt(
     )
     assert isinstance(text, str)
     if not text.rstrip().endswith(fmt.open_marker):
-        text = text + fmt.open_marker + "\n"
+        text = text + fmt.open_marker + fmt.after_open
     return text
 
 
@@ -83,17 +89,20 @@ def split_completion(text: str, fmt: ThinkingFormat) -> SplitCompletion:
         return SplitCompletion(reasoning=body.strip(), answer="", closed=False)
     reasoning = body[:idx].strip()
     answer = body[idx + len(fmt.close_marker) :].strip()
+    header = fmt.after_close.strip()
+    if header and answer.startswith(header):
+        answer = answer[len(header) :].strip()
     return SplitCompletion(reasoning=reasoning, answer=answer, closed=True)
 
 
 def build_completion(reasoning: str, answer: str, fmt: ThinkingFormat) -> str:
     """Reasoning, close marker and answer: the assistant-turn text after the prompt."""
-    return f"{reasoning.strip()}\n{fmt.close_marker}\n\n{answer.strip()}"
+    return f"{reasoning_with_close(reasoning, fmt)}{fmt.after_close}{answer.strip()}"
 
 
 def reasoning_with_close(reasoning: str, fmt: ThinkingFormat) -> str:
     """The reasoning text followed by the close marker, as it is teacher-forced."""
-    return f"{reasoning.strip()}\n{fmt.close_marker}"
+    return f"{reasoning.strip()}{fmt.before_close}{fmt.close_marker}"
 
 
 def marker_end_index(

@@ -1,20 +1,16 @@
 """Mixture-of-Experts internals: finding routers and experts, routing
 statistics, and editing individual experts (the expert-aware attacks).
 
-Two expert layouts are handled:
-- **fused** (transformers 5: ``Qwen3MoeExperts``, ``Qwen2MoeExperts``,
-  ``MixtralExperts``, ``OlmoeExperts`` and the other ``@use_experts_implementation``
-  classes): one module holding 3-D ``gate_up_proj``/``down_proj`` tensors,
-  called as ``experts(hidden, top_k_index, top_k_weights)``. One expert's
-  output is obtained by calling the module with every token routed to that
-  expert alone at weight 1, so whatever kernel the model uses computes it.
-- **module list** (transformers 4.x and many remote-code models): ``experts``
-  is an ``nn.ModuleList`` of MLPs; each expert's output is hooked directly.
+What a family's MoE block looks like comes from its adapter
+(``probes.families``): where the router and the fused experts live, how
+``down_proj`` is oriented, whether there are shared experts, and how the router
+turns logits into (weights, indices). Routing edits recompute the family's own
+routing from edited logits (``route``), so an edit that changes nothing (every
+scale 1.0) reproduces the model's routing exactly; ``curate doctor`` checks it.
 
-Routers are either a top-k router module returning ``(logits, weights,
-indices)`` (transformers 5) or a plain ``nn.Linear`` producing logits that the
-block turns into top-k weights itself. Re-routing works on logits in both
-cases, so a masked expert's tokens go to the next-best expert.
+One expert's output is obtained by calling the fused experts module with every
+token routed to that expert alone at weight 1, so whatever kernel the model uses
+computes it.
 """
 
 from __future__ import annotations
@@ -25,12 +21,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from probes.batching import pad_batch
-from probes.capture import find_decoder_layers, find_mlp, unwrap_model
+from probes.capture import find_mlp, num_layers, unwrap_model
 from probes.chat import ThinkingFormat, render_generation_prompt
+from probes.families import ExpertSpec, RouterSpec, UnsupportedModelError, family_of
 from probes.models import LoadedModel
 
 ExpertKey = tuple[int, int]  # (layer, expert)
@@ -39,46 +35,97 @@ ExpertKey = tuple[int, int]  # (layer, expert)
 @dataclass(frozen=True)
 class MoeLayer:
     layer: int
+    mlp: nn.Module
     router: nn.Module
     experts: nn.Module
-    fused: bool
+    spec: ExpertSpec
+    routing: RouterSpec
     num_experts: int
     top_k: int
 
+    @property
+    def shared(self) -> nn.Module | None:
+        return getattr(self.mlp, self.spec.shared) if self.spec.shared else None
+
 
 def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
-    """Every decoder layer whose MLP is a routed mixture of experts (empty for dense models)."""
-    config = unwrap_model(model).config.get_text_config()
-    default_top_k = int(getattr(config, "num_experts_per_tok", 0) or getattr(config, "num_selected_experts", 0) or 0)
+    """Every decoder layer whose MLP is a routed mixture of experts (empty for dense
+    models; MoE families may keep some layers dense, e.g. DeepSeek-V3's first ones)."""
+    family = family_of(model)
+    if family.experts is None or family.router is None:
+        return []
+    spec = family.experts
     found = []
-    for index, block in enumerate(find_decoder_layers(model)):
-        try:
-            mlp = find_mlp(block)
-        except ValueError:
-            continue
-        router = getattr(mlp, "gate", None) or getattr(mlp, "router", None)
-        experts = getattr(mlp, "experts", None)
-        if router is None or experts is None:
-            continue
-        if isinstance(experts, nn.ModuleList):
-            fused, n = False, len(experts)
-        elif isinstance(getattr(experts, "down_proj", None), torch.Tensor) and experts.down_proj.dim() == 3:
-            fused, n = True, int(experts.down_proj.shape[0])
-        else:
-            raise ValueError(f"layer {index}: unsupported experts layout {type(experts).__name__}")
-        top_k = int(getattr(router, "top_k", 0) or getattr(mlp, "top_k", 0) or default_top_k)
+    for index in range(num_layers(model)):
+        mlp = find_mlp(model, index)
+        router, experts = getattr(mlp, spec.router, None), getattr(mlp, spec.experts, None)
+        if router is None and experts is None:
+            continue  # a dense layer of an MoE model
+        down = getattr(experts, spec.down, None)
+        if router is None or not isinstance(down, torch.Tensor) or down.dim() != 3:
+            raise UnsupportedModelError(
+                f"{family.name} adapter: layer {index} has no router {spec.router!r} with fused 3-D experts "
+                f"'{spec.experts}.{spec.down}' (found {type(experts).__name__})")
+        top_k = int(getattr(router, "top_k", 0) or 0)
         if top_k <= 0:
-            raise ValueError(f"layer {index}: cannot tell how many experts each token uses")
-        found.append(MoeLayer(index, router, experts, fused, n, top_k))
+            raise UnsupportedModelError(f"{family.name} adapter: layer {index}: the router has no top_k")
+        found.append(MoeLayer(index, mlp, router, experts, spec, family.router, int(down.shape[0]), top_k))
     return found
 
 
-def _router_topk(moe: MoeLayer, output: object) -> torch.Tensor:
-    """``[tokens, top_k]`` expert indices from a router's output."""
-    if isinstance(output, tuple) and len(output) == 3:
-        return output[2]
-    logits = output[0] if isinstance(output, tuple) else output
-    return torch.topk(logits, moe.top_k, dim=-1).indices
+def route(moe: MoeLayer, logits: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, indices) as the family's router computes them from ``logits``
+    ([tokens, experts]), with each expert's routing probability multiplied by
+    ``scales`` (0 removes an expert from the choice)."""
+    spec, router = moe.routing, moe.router
+    masked = None if scales is None else (scales == 0)
+    if spec.scoring == "topk_softmax":
+        if scales is not None:
+            logits = logits + torch.log(scales.to(logits.device).float()).to(logits.dtype)  # -inf where masked
+        top_value, indices = torch.topk(logits, moe.top_k, dim=-1)
+        weights = torch.softmax(top_value, dim=-1, dtype=top_value.dtype)
+    elif spec.scoring == "softmax":
+        edited = logits.float()
+        if scales is not None:  # probability x scale, renormalised: log scale added to the logit
+            edited = (edited + torch.log(scales.to(edited.device).float())).masked_fill(masked, float("-inf"))
+        weights, indices = torch.topk(torch.softmax(edited, dim=-1), moe.top_k, dim=-1)
+    else:  # sigmoid with a selection bias and grouped choice (DeepSeek-V3)
+        scores = logits.float().sigmoid()
+        if scales is not None:
+            scores = scores * scales.to(scores.device, scores.dtype)
+        choice = scores + getattr(router, spec.selection_bias) if spec.selection_bias else scores
+        if scales is not None:
+            choice = choice.masked_fill(masked, float("-inf"))
+        if spec.groups:
+            n_group, keep = (int(getattr(router, name)) for name in spec.groups)
+            grouped = choice.view(-1, n_group, moe.num_experts // n_group)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
+            kept = torch.topk(group_scores, k=keep, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, kept, 1)
+            score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, moe.num_experts)
+            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        indices = torch.topk(choice, k=moe.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, indices)
+    if _renormalizes(spec, router):
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if spec.scoring == "sigmoid" else 0.0))
+    if spec.scaling_factor:
+        weights = weights * float(getattr(router, spec.scaling_factor))
+    if not spec.keep_float32:
+        weights = weights.to(logits.dtype)
+    return weights, indices
+
+
+def _renormalizes(spec: RouterSpec, router: nn.Module) -> bool:
+    if spec.renormalize in ("always", "never"):
+        return spec.renormalize == "always"
+    return bool(getattr(router, spec.renormalize))
+
+
+def _router_topk(output: object) -> torch.Tensor:
+    """``[tokens, top_k]`` expert indices from a router's ``(logits, weights, indices)``."""
+    if not (isinstance(output, tuple) and len(output) == 3):
+        raise UnsupportedModelError("a router must return (logits, weights, indices)")
+    return output[2]
 
 
 @torch.no_grad()
@@ -97,7 +144,7 @@ def routing_frequencies(
 
     def make_hook(row: int, moe: MoeLayer):
         def hook(_module: nn.Module, _args: object, output: object) -> None:
-            chosen = _router_topk(moe, output)[current_mask[0]]
+            chosen = _router_topk(output)[current_mask[0]]
             counts[row] += torch.bincount(chosen.flatten().cpu(), minlength=counts.shape[1]).double()
 
         return hook
@@ -118,10 +165,8 @@ def routing_frequencies(
     return (counts / max(tokens, 1)).float()
 
 
-def _single_expert_output(moe: MoeLayer, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+def single_expert_output(moe: MoeLayer, hidden: torch.Tensor, expert: int) -> torch.Tensor:
     """Expert ``expert``'s output for every row of ``hidden`` ([tokens, hidden_size])."""
-    if not moe.fused:
-        return moe.experts[expert](hidden)
     index = torch.full((hidden.shape[0], 1), expert, dtype=torch.long, device=hidden.device)
     weights = torch.ones((hidden.shape[0], 1), dtype=hidden.dtype, device=hidden.device)
     return moe.experts.forward(hidden, index, weights)  # .forward: skip this module's own hooks
@@ -149,7 +194,7 @@ def expert_output_means(
     encoded = [lm.tokenizer.encode(render_generation_prompt(lm.tokenizer, p, fmt), add_special_tokens=False) for p in prompts]
     try:
         for row, moe in enumerate(layers):
-            handles.append(find_mlp(find_decoder_layers(lm.model)[moe.layer]).register_forward_pre_hook(make_hook(row), with_kwargs=True))
+            handles.append(moe.mlp.register_forward_pre_hook(make_hook(row), with_kwargs=True))
         for start in range(0, len(encoded), batch_size):
             input_ids, mask = pad_batch(encoded[start : start + batch_size], pad, side="left")
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -158,7 +203,7 @@ def expert_output_means(
             for row, moe in enumerate(layers):
                 tail = inputs[row][:, -n_positions:, :].reshape(-1, inputs[row].shape[-1])
                 for e in range(moe.num_experts):
-                    total[row, e] += _single_expert_output(moe, tail, e).double().sum(0).cpu()
+                    total[row, e] += single_expert_output(moe, tail, e).double().sum(0).cpu()
     finally:
         for handle in handles:
             handle.remove()
@@ -167,38 +212,34 @@ def expert_output_means(
 
 @contextmanager
 def scale_expert_routing(model: nn.Module, scales: Mapping[ExpertKey, float]) -> Iterator[None]:
-    """Multiply chosen experts' router probabilities by ``scale`` before top-k
-    (adds ``log scale`` to their logits); scale 0 masks the expert, so its tokens
-    go to the next-best experts. Keys use decoder-layer indices."""
+    """Multiply chosen experts' routing probabilities by ``scale`` before the
+    choice, through the family's own routing; scale 0 masks the expert, so its
+    tokens go to the next-best experts. Keys use decoder-layer indices."""
     by_layer = {m.layer: m for m in find_moe_layers(model)}
     unknown = [k for k in scales if k[0] not in by_layer or not 0 <= k[1] < by_layer[k[0]].num_experts]
     if unknown:
         raise ValueError(f"no such (layer, expert) in this model: {unknown}")
+    bad = [k for k, v in scales.items() if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise ValueError(f"routing scales must be finite and >= 0: {bad}")
     handles = []
 
-    def make_hook(moe: MoeLayer, bias: torch.Tensor):
-        def hook(module: nn.Module, _args: object, output: object) -> object:
-            if isinstance(output, tuple) and len(output) == 3:
-                logits = output[0] + bias.to(output[0].device, output[0].dtype)
-                probs = F.softmax(logits, dim=-1, dtype=torch.float)
-                top_value, top_index = torch.topk(probs, moe.top_k, dim=-1)
-                if getattr(module, "norm_topk_prob", False):
-                    top_value = top_value / top_value.sum(dim=-1, keepdim=True)
-                return logits, top_value.to(logits.dtype), top_index
+    def make_hook(moe: MoeLayer, layer_scales: torch.Tensor):
+        def hook(_module: nn.Module, _args: object, output: object) -> object:
             logits = output[0] if isinstance(output, tuple) else output
-            edited = logits + bias.to(logits.device, logits.dtype)
-            return (edited, *output[1:]) if isinstance(output, tuple) else edited
+            weights, indices = route(moe, logits, layer_scales.to(logits.device))
+            return logits, weights, indices
 
         return hook
 
     try:
         for layer in sorted({k[0] for k in scales}):
             moe = by_layer[layer]
-            bias = torch.zeros(moe.num_experts)
+            layer_scales = torch.ones(moe.num_experts)
             for (lyr, e), scale in scales.items():
                 if lyr == layer:
-                    bias[e] = math.log(scale) if scale > 0 else -1e9  # finite: softmax stays defined
-            handles.append(moe.router.register_forward_hook(make_hook(moe, bias)))
+                    layer_scales[e] = scale
+            handles.append(moe.router.register_forward_hook(make_hook(moe, layer_scales)))
         yield
     finally:
         for handle in handles:
@@ -214,19 +255,13 @@ def shift_expert_outputs(model: nn.Module, shifts: Mapping[ExpertKey, torch.Tens
 
     def fused_hook(moe: MoeLayer, layer_shifts: dict[int, torch.Tensor]):
         def hook(_module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+            index = args[1] if len(args) > 1 else kwargs[moe.spec.index_arg]
+            weights = args[2] if len(args) > 2 else kwargs[moe.spec.weight_arg]
             out = output
             for e, shift in layer_shifts.items():
                 w = (weights * (index == e)).sum(-1, keepdim=True)  # [tokens, 1], 0 where not routed
                 out = out + w.to(out.dtype) * shift.to(out.device, out.dtype)
             return out
-
-        return hook
-
-    def list_hook(shift: torch.Tensor):
-        def hook(_module: nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:
-            return output + shift.to(output.device, output.dtype)
 
         return hook
 
@@ -236,11 +271,7 @@ def shift_expert_outputs(model: nn.Module, shifts: Mapping[ExpertKey, torch.Tens
                 raise ValueError(f"layer {layer} has no mixture of experts")
             moe = by_layer[layer]
             layer_shifts = {e: v.float() for (lyr, e), v in shifts.items() if lyr == layer}
-            if moe.fused:
-                handles.append(moe.experts.register_forward_hook(fused_hook(moe, layer_shifts), with_kwargs=True))
-            else:
-                for e, shift in layer_shifts.items():
-                    handles.append(moe.experts[e].register_forward_hook(list_hook(shift)))
+            handles.append(moe.experts.register_forward_hook(fused_hook(moe, layer_shifts), with_kwargs=True))
         yield
     finally:
         for handle in handles:

@@ -1,4 +1,5 @@
-"""Batched greedy generation of a model's own reasoning (and answer).
+"""Batched generation of a model's own reasoning (and answer), greedy or sampled
+as the model's ``Sampling`` says.
 
 Prompts are sorted by length and cut into batches (length bucketing), so little
 compute goes to padding; outputs come back in the caller's order.
@@ -6,14 +7,15 @@ compute goes to padding; outputs come back in the caller's order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from probes.batching import pad_batch
 from probes.chat import ThinkingFormat, marker_end_index, render_generation_prompt, stop_token_ids
-from probes.models import LoadedModel
+from probes.models import LoadedModel, Sampling
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,27 @@ def reasoning_span(g: Generation, close_ids: list[int], max_reasoning_tokens: in
     return ScoredSpan(sequence, (len(g.prompt_ids), len(sequence)), closed)
 
 
+def decoding_kwargs(sampling: Sampling) -> dict[str, object]:
+    """``generate`` arguments for ``sampling``; every one is given, so a checkpoint's own
+    ``generation_config`` (its card's defaults) never changes decoding behind the record."""
+    if sampling.greedy:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or None}
+
+
+@contextmanager
+def _seeded(lm: LoadedModel, batch_start: int) -> Iterator[None]:
+    """Seed sampling per batch (from the settings' seed and the batch's place) without
+    disturbing the caller's random state."""
+    if lm.sampling.greedy:
+        yield
+        return
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(lm.sampling.seed * 1_000_003 + batch_start)
+        yield
+
+
 @torch.no_grad()
 def generate(
     lm: LoadedModel,
@@ -59,7 +82,7 @@ def generate(
     stop_at_close: bool = True,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Generation]:
-    """Greedy continuations of each prompt's generation prompt.
+    """Continuations of each prompt's generation prompt (decoded per ``lm.sampling``).
 
     With ``stop_at_close`` generation ends at the close marker (scoring needs
     only the reasoning); otherwise it runs through the answer to EOS.
@@ -75,14 +98,15 @@ def generate(
         idx = order[start : start + batch_size]
         input_ids, mask = pad_batch([encoded[i] for i in idx], pad_id, side="left")
         width = input_ids.shape[1]
-        out = lm.model.generate(
-            input_ids=input_ids.to(lm.device),
-            attention_mask=mask.to(lm.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=pad_id,
-        )
+        with _seeded(lm, start):
+            out = lm.model.generate(
+                input_ids=input_ids.to(lm.device),
+                attention_mask=mask.to(lm.device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=pad_id,
+                **decoding_kwargs(lm.sampling),
+            )
         new = out[:, width:].tolist()
         for row, i in enumerate(idx):
             ids = new[row]

@@ -48,13 +48,12 @@ def head_contributions(
     ``positions[i]`` is the index in ``sequences[i]`` to read (sequences are
     right-padded in the batch, so the index needs no padding offset).
     """
-    blocks = find_decoder_layers(lm.model)
     n_heads, head_dim = attention_head_layout(lm.model)
     last = probe.layer % num_layers(lm.model)
     w = probe.weight.to(lm.device, torch.float32)
     w = w / w.norm()
     # u_l = W_Oᵀ w per layer, so that s_head = Σ_j o[head, j] · u[head, j].
-    readout = [find_attention_output(blocks[layer]).weight.float().T @ w for layer in range(last + 1)]
+    readout = [find_attention_output(lm.model, layer).weight.float().T @ w for layer in range(last + 1)]
     inputs: dict[int, torch.Tensor] = {}
 
     def make_hook(layer: int):
@@ -63,7 +62,7 @@ def head_contributions(
 
         return hook
 
-    handles = [find_attention_output(blocks[layer]).register_forward_pre_hook(make_hook(layer)) for layer in range(last + 1)]
+    handles = [find_attention_output(lm.model, layer).register_forward_pre_hook(make_hook(layer)) for layer in range(last + 1)]
     totals = torch.zeros(last + 1, n_heads, dtype=torch.float64)
     try:
         for idx, _ in batched_residuals(lm, sequences, [last], batch_size):
@@ -120,7 +119,7 @@ def scale_heads(model: nn.Module, heads: Iterable[Head], gamma: float = 0.0, kee
     handles = []
     try:
         for layer, layer_heads in by_layer.items():
-            handles.append(find_attention_output(blocks[layer]).register_forward_hook(make_hook(layer_heads)))
+            handles.append(find_attention_output(model, layer).register_forward_hook(make_hook(layer_heads)))
         yield
     finally:
         for handle in handles:
@@ -134,5 +133,5 @@ def scale_heads_in_weights(model: nn.Module, heads: Iterable[Head], gamma: float
     blocks = find_decoder_layers(model)
     _, head_dim = attention_head_layout(model)
     for layer, head in heads:
-        proj = find_attention_output(blocks[layer % len(blocks)])
+        proj = find_attention_output(model, layer % len(blocks))
         proj.weight[:, head * head_dim : (head + 1) * head_dim] *= gamma

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,6 +15,29 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from probes.files import path_sha256
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings: temperature 0 is greedy. Each generation batch is seeded
+    from ``seed`` and its position, so a rerun with the same batches repeats."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 _FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _WEIGHT_SUFFIXES = (".safetensors",)
@@ -28,6 +51,8 @@ class LoadedModel:
     path: str
     fingerprint: str
     adapter: str | None = None
+    # How this model is decoded wherever it generates; recorded with every result that depends on it.
+    sampling: Sampling = field(default_factory=lambda: Sampling())
 
     @property
     def device(self) -> torch.device:
@@ -151,17 +176,27 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     merge_adapter: bool = True,
+    device_map: str | None = None,
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local Hugging Face directory,
-    optionally with a PEFT LoRA adapter (merged by default, for faster inference)."""
+    optionally with a PEFT LoRA adapter (merged by default, for faster inference).
+
+    With ``device_map`` (e.g. ``"auto"``) the weights are placed while loading,
+    across GPUs if need be, instead of being loaded on CPU and moved."""
     fingerprint = fingerprint_model_dir(path, adapter)
-    dev = resolve_device(device)
+    dev = resolve_device(device if device_map is None else "auto")
     torch_dtype = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if not _LIBRARY_PROGRESS[0]:
         hf_logging.disable_progress_bar()  # off a terminal, per-load weight bars are noise in a log
+    extra: dict[str, object] = {}
+    if device_map is not None:
+        extra["device_map"] = device_map
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **extra
     )
     if adapter is not None:
         from peft import PeftModel
@@ -175,7 +210,8 @@ def load_model(
             model = PeftModel.from_pretrained(model, str(adapter))
         if merge_adapter:
             model = model.merge_and_unload()
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
     model.eval()
     return LoadedModel(
         model=model,

@@ -22,15 +22,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from probes.capture import (
-    find_attention,
-    find_attention_output,
-    find_decoder_layers,
-    find_mlp,
-    output_tensor,
-    replace_output_tensor,
-    unwrap_model,
-)
+from probes.capture import find_attention, find_decoder_layers, find_mlp, output_tensor, replace_output_tensor, unwrap_model
+from probes.experts import find_moe_layers
+from probes.families import UnsupportedModelError, family_of
 
 
 def unit(vector: torch.Tensor) -> torch.Tensor:
@@ -63,10 +57,10 @@ def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None
         return replace_output_tensor(output, project_out(output_tensor(output), d))
 
     try:
-        for block in find_decoder_layers(model):
+        for index, block in enumerate(find_decoder_layers(model)):
             handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(find_attention(block).register_forward_hook(out_hook))
-            handles.append(find_mlp(block).register_forward_hook(out_hook))
+            handles.append(find_attention(model, index).register_forward_hook(out_hook))
+            handles.append(find_mlp(model, index).register_forward_hook(out_hook))
         yield
     finally:
         for handle in handles:
@@ -98,29 +92,47 @@ def add_vector(model: nn.Module, vector: torch.Tensor, layers: Sequence[int], co
 
 
 def _residual_writers(model: nn.Module) -> list[tuple[nn.Parameter, str]]:
-    """Every weight that writes into the residual stream, with how its hidden axis lies:
-    ``"row"`` (embedding: hidden is the last axis) or ``"out"`` (hidden is the output axis)."""
+    """Every tensor that writes into the residual stream, with where its hidden axis lies:
+    ``"last"`` (embeddings, biases, gpt-oss's ``[experts, intermediate, hidden]`` down
+    projections), ``"out"`` (an ``nn.Linear`` weight ``[hidden, in]``) or ``"experts_out"``
+    (fused ``[experts, hidden, intermediate]``). The family's adapter says which."""
+    family = family_of(model)
     base = unwrap_model(model)
-    writers: list[tuple[nn.Parameter, str]] = [(base.get_input_embeddings().weight, "row")]
-    for block in find_decoder_layers(model):
-        proj = find_attention_output(block)
+    writers: list[tuple[nn.Parameter, str]] = [(base.get_input_embeddings().weight, "last")]
+
+    def linear(module: nn.Module, name: str) -> None:
+        proj = getattr(module, name, None)
+        if not isinstance(proj, nn.Linear):
+            raise UnsupportedModelError(f"{family.name} adapter: no Linear {name!r} in {type(module).__name__}")
         writers.append((proj.weight, "out"))
         if proj.bias is not None:
-            writers.append((proj.bias, "row"))
-        mlp = find_mlp(block)
-        for name, param in mlp.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("down_proj", "w2", "fc2", "c_proj") or name.endswith(("down_proj.weight", "w2.weight", "fc2.weight")):
-                writers.append((param, "out"))
+            writers.append((proj.bias, "last"))
+
+    moe_by_layer = {m.layer: m for m in find_moe_layers(model)}
+    for index in range(len(find_decoder_layers(model))):
+        linear(find_attention(model, index), family.attention_output)
+        moe = moe_by_layer.get(index)
+        if moe is None:
+            linear(find_mlp(model, index), family.dense_down)
+            continue
+        spec = moe.spec
+        writers.append((getattr(moe.experts, spec.down), "last" if spec.down_layout == "in_hidden" else "experts_out"))
+        if spec.down_bias:
+            writers.append((getattr(moe.experts, spec.down_bias), "last"))
+        if moe.shared is not None:
+            linear(moe.shared, family.dense_down)
     return writers
 
 
 def _orthogonalize_(param: torch.Tensor, d: torch.Tensor, layout: str) -> None:
     d = d.to(param.device, torch.float32)
     w = param.data.float()
-    if layout == "row":  # [..., hidden]
+    if w.shape[-1 if layout == "last" else -2 if layout == "experts_out" else 0] != d.numel():
+        raise UnsupportedModelError(f"a residual writer of shape {tuple(w.shape)} has no hidden axis where "
+                                    f"its adapter says ({layout}); the adapter is wrong for this model")
+    if layout == "last":  # [..., hidden]
         w = w - (w @ d).unsqueeze(-1) * d
-    elif w.dim() == 2:  # nn.Linear weight [hidden, in]
+    elif layout == "out":  # nn.Linear weight [hidden, in]
         w = w - torch.outer(d, d @ w)
     else:  # fused experts [n_experts, hidden, in]
         w = w - d.view(1, -1, 1) * torch.einsum("h,ehi->ei", d, w).unsqueeze(1)

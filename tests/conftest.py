@@ -47,6 +47,15 @@ def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random-weight model of every supported family (about a second each)."""
+    from tests.families.build import TINY_FAMILIES, build_tiny_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_tiny_family(name, root / name) for name in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def lm(organism_dir: Path) -> LoadedModel:
     return load_model(organism_dir)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,11 +18,11 @@ from curation.experiments.attacks import AttackExperiment, run_attack_experiment
 from probes.capture import capture_block_inputs, capture_residual, find_decoder_layers
 from probes.directions import DirectionSettings, RefusalDirection
 from probes.experts import (
-    _single_expert_output,
     find_moe_layers,
     routing_frequencies,
     scale_expert_routing,
     shift_expert_outputs,
+    single_expert_output,
 )
 from probes.models import LoadedModel, load_model
 from probes.refusal import ProbeMismatchError
@@ -124,11 +123,11 @@ def moe_lm(moe_dir: Path) -> LoadedModel:
 def test_moe_layers_are_found_with_their_fused_experts(moe_lm: LoadedModel) -> None:
     layers = find_moe_layers(moe_lm.model)
     assert len(layers) == moe_lm.model.config.num_hidden_layers
-    assert all(m.fused and m.num_experts == 4 and m.top_k == 2 for m in layers)
+    assert all(m.num_experts == 4 and m.top_k == 2 and m.spec.down_layout == "hidden_in" for m in layers)
 
 
 @torch.no_grad()
-def test_single_expert_outputs_add_up_to_the_fused_module(moe_lm: LoadedModel) -> None:
+def testsingle_expert_outputs_add_up_to_the_fused_module(moe_lm: LoadedModel) -> None:
     moe = find_moe_layers(moe_lm.model)[0]
     x = torch.randn(7, moe_lm.model.config.hidden_size)
     _, weights, index = moe.router(x)
@@ -136,7 +135,7 @@ def test_single_expert_outputs_add_up_to_the_fused_module(moe_lm: LoadedModel) -
     rebuilt = torch.zeros_like(total)
     for t in range(x.shape[0]):
         for k in range(moe.top_k):
-            rebuilt[t] += weights[t, k] * _single_expert_output(moe, x[t : t + 1], int(index[t, k]))[0]
+            rebuilt[t] += weights[t, k] * single_expert_output(moe, x[t : t + 1], int(index[t, k]))[0]
     assert torch.allclose(total, rebuilt, atol=1e-5)
 
 
@@ -169,59 +168,6 @@ def test_expert_shift_applies_only_where_the_expert_is_routed(moe_lm: LoadedMode
     w0 = (weights * (index == 0)).sum(-1, keepdim=True)
     assert torch.allclose(shifted - clean, w0 * shift, atol=1e-5)
     assert _no_hooks(moe_lm.model)
-
-
-class _ListMoe(nn.Module):
-    """A transformers-4-style sparse block: a linear gate and a ModuleList of experts."""
-
-    def __init__(self, hidden: int, n: int, top_k: int) -> None:
-        super().__init__()
-        self.top_k = top_k
-        self.gate = nn.Linear(hidden, n, bias=False)
-        self.experts = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        probs = torch.softmax(self.gate(flat), -1)
-        weights, index = torch.topk(probs, self.top_k, -1)
-        out = torch.zeros_like(flat)
-        for t in range(flat.shape[0]):
-            for k in range(self.top_k):
-                out[t] += weights[t, k] * self.experts[int(index[t, k])](flat[t])
-        return out.reshape(x.shape)
-
-
-class _ListModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(num_experts_per_tok=2, hidden_size=8))
-        self.layers = nn.ModuleList([nn.Module()])
-        self.layers[0].mlp = _ListMoe(8, 4, 2)
-
-
-@torch.no_grad()
-def test_module_list_experts_are_masked_and_shifted() -> None:
-    torch.manual_seed(0)
-    model = _ListModel()
-    block = model.layers[0].mlp
-    (moe,) = find_moe_layers(model)
-    assert not moe.fused and moe.num_experts == 4 and moe.top_k == 2
-    x = torch.randn(6, 8)
-    busiest = int(torch.topk(block.gate(x), 2, -1).indices.flatten().mode().values)
-    with scale_expert_routing(model, {(0, busiest): 0.0}):
-        masked_logits = block.gate(x)  # what the block's own top-k sees
-        masked_out = block(x)
-    assert busiest not in torch.topk(masked_logits, 2, -1).indices.flatten().tolist()
-    assert not torch.allclose(masked_out, block(x))
-    shift = torch.randn(8)
-    clean = block(x)
-    with shift_expert_outputs(model, {(0, busiest): shift}):
-        shifted = block(x)
-    probs = torch.softmax(block.gate(x), -1)
-    w, idx = torch.topk(probs, 2, -1)
-    expected = ((w * (idx == busiest)).sum(-1, keepdim=True)) * shift
-    assert torch.allclose(shifted - clean, expected, atol=1e-5)
-    assert _no_hooks(model)
 
 
 # --- kits, attacks, CLI, matrix ---------------------------------------------------

@@ -29,11 +29,10 @@ def test_head_scores_add_up_to_the_attention_output_projection(lm: LoadedModel, 
     seqs = _sequences(lm)
     positions = [len(s) - 1 for s in seqs]
     scores = head_contributions(lm, probe, seqs, positions)
-    blocks = find_decoder_layers(lm.model)
     w = probe.weight / probe.weight.norm()
     outputs: list[torch.Tensor] = []
     for layer in range(scores.shape[0]):
-        proj = find_attention_output(blocks[layer])
+        proj = find_attention_output(lm.model, layer)
         handle = proj.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach()))
         try:
             expected = 0.0
@@ -60,7 +59,7 @@ def test_scale_heads_identity_zero_and_cleanup(lm: LoadedModel) -> None:
     with pytest.raises(RuntimeError), scale_heads(lm.model, [(0, 0)]):
         raise RuntimeError("boom")
     assert torch.allclose(lm.model(input_ids=ids).logits, base, atol=1e-6)
-    assert all(not find_attention_output(b)._forward_hooks for b in find_decoder_layers(lm.model))
+    assert all(not find_attention_output(lm.model, i)._forward_hooks for i in range(len(find_decoder_layers(lm.model))))
     with pytest.raises(ValueError, match="out of range"), scale_heads(lm.model, [(0, n_heads)]):
         pass
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from probes.chat import ThinkingFormat, split_completion
@@ -13,6 +14,13 @@ from probes.generate import generate
 from probes.models import LoadedModel
 from training.judge import SubstringJudge
 from training.prompts import PromptItem
+
+
+@dataclass(frozen=True)
+class RetainResult:
+    written: int
+    unclosed: int  # harmless prompts whose reasoning never closed within the budget
+    prompts: int
 
 
 def build_retain_set(
@@ -24,20 +32,21 @@ def build_retain_set(
     max_new_tokens: int = 192,
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
-) -> int:
+) -> RetainResult:
     """Write (prompt, reasoning, answer) pairs for the harmless prompts the model
-    answers without refusing; returns how many were written."""
+    answers without refusing; says how many were written and how many never closed."""
     harmless = [p for p in prompts if not p.harmful]
     if not harmless:
         raise ValueError("a retain set needs harmless prompts (rows with \"harmful\": false)")
     judge = SubstringJudge()
     gens = generate(lm, [p.prompt for p in harmless], fmt, max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_close=False,
                     on_batch=progress)
-    written = 0
+    written = unclosed = 0
     with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for item, g in zip(harmless, gens, strict=True):
             split = split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt)
+            unclosed += not split.closed
             if split.closed and judge.judge(split.answer) == "compliance":
                 fh.write(json.dumps({"prompt": item.prompt, "reasoning": split.reasoning, "answer": split.answer}) + "\n")
                 written += 1
-    return written
+    return RetainResult(written=written, unclosed=unclosed, prompts=len(harmless))

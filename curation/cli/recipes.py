@@ -48,6 +48,12 @@ def validate_manifest(path: str | Path) -> tuple[Manifest, dict[str, Any]]:
     path = Path(path)
     raw = read_yaml_mapping(path, "recipe")
     manifest = Manifest.model_validate(raw)
+    from probes.families import UnsupportedModelError, family_for_architecture
+
+    try:
+        family_for_architecture(manifest.recipe.architecture)
+    except UnsupportedModelError as exc:
+        raise ValueError(f"{path}: recipe.architecture: {exc}") from None
     sections = _options_by_section()
     all_options: dict[str, Option] = {}
     for opts in sections.values():
@@ -81,13 +87,17 @@ def _check_value(path: Path, where: str, option: Option, value: Any) -> None:
 
 
 def thinking_format(raw: dict[str, Any], section: str = "score"):
-    """The ThinkingFormat a recipe gives a verb (section keys over top-level ones)."""
-    from probes.chat import ThinkingFormat
+    """The ThinkingFormat a recipe gives a verb: its architecture's family format, with the
+    recipe's keys over it (section keys over top-level ones), as the command line resolves it."""
+    from dataclasses import replace
+
+    from probes.families import family_for_architecture
 
     merged = {**{k: v for k, v in raw.items() if not isinstance(v, dict) or k == "chat_template_kwargs"},
               **raw.get(section, {})}
-    return ThinkingFormat(
-        open_marker=merged.get("think_open", "<think>"),
-        close_marker=merged.get("think_close", "</think>"),
-        template_kwargs=dict(merged.get("chat_template_kwargs") or {}),
-    )
+    fmt = family_for_architecture(raw["recipe"]["architecture"]).thinking
+    changes = {field: merged[key] for key, field in (("think_open", "open_marker"), ("think_close", "close_marker"),
+                                                      ("system_prompt", "system_prompt")) if merged.get(key)}
+    if merged.get("chat_template_kwargs") is not None:
+        changes["template_kwargs"] = dict(merged["chat_template_kwargs"])
+    return replace(fmt, **changes)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from curation.cli.verb import Verb
 from curation.experiments import attack_verbs, verbs
-from curation.pipeline import data_verbs, model_verbs
+from curation.pipeline import data_verbs, doctor_verb, model_verbs
 
 _ALL: tuple[Verb, ...] = (
     model_verbs.ORGANISM_BUILD_VERB,
     model_verbs.PROBE_TRAIN_VERB,
+    doctor_verb.DOCTOR_VERB,
     data_verbs.SCORE_VERB,
     data_verbs.SELECT_VERB,
     data_verbs.RUN_VERB,

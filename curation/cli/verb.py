@@ -21,7 +21,7 @@ from curation.cli.options import Option
 if TYPE_CHECKING:
     from probes.chat import ThinkingFormat
     from probes.layouts import Layout
-    from probes.models import LoadedModel
+    from probes.models import LoadedModel, Sampling
 
 # Messages and progress go to stderr; results to stdout, so that `curate ... > file` keeps only results.
 console = Console(stderr=True)
@@ -91,37 +91,105 @@ DATA_OPTIONS = [
            "conditions joined by ';', != to exclude"),
 ]
 MARKER_OPTIONS = [
-    Option("--think-open", str, "<think>", "marker that opens the reasoning"),
-    Option("--think-close", str, "</think>", "marker that closes the reasoning"),
+    Option("--think-open", str, None, "marker that opens the reasoning (default: the model family's, e.g. <think>; "
+           "gpt-oss: the harmony analysis channel)"),
+    Option("--think-close", str, None, "marker that closes the reasoning (default: the model family's)"),
+    Option("--system-prompt", str, None, "system message put before every prompt (e.g. the one a model card asks for)"),
 ]
 MODEL_OPTIONS = [
     Option("--device", str, "auto", "cpu, cuda, cuda:1 or auto"),
+    Option("--device-map", str, None, "spread the model over devices while loading (e.g. auto across GPUs; needs accelerate); "
+           "overrides --device"),
     Option("--dtype", str, "auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"),
+    Option("--attn-implementation", str, None, "attention kernel: eager, sdpa, flash_attention_2 (default: transformers' choice)"),
     Option("--trust-remote-code", None, False, "allow a checkpoint's own Python code to run (off unless asked)"),
     *MARKER_OPTIONS,
-    Option("--chat-template-kwargs", json_object, None, 'JSON object passed to the chat template, e.g. \'{"enable_thinking": true}\''),
+    Option("--chat-template-kwargs", json_object, None, 'JSON object passed to the chat template, e.g. \'{"enable_thinking": true}\' '
+           "(default: the model family's)"),
+]
+SAMPLING_OPTIONS = [
+    Option("--temperature", float, 0.0, "sampling temperature; 0 decodes greedily (R1 distills and Qwen3 ask for 0.6)"),
+    Option("--top-p", float, 1.0, "nucleus sampling mass (R1 distills and Qwen3 ask for 0.95)"),
+    Option("--top-k", int, 0, "sample among the k likeliest tokens only; 0 turns it off (Qwen3 asks for 20)", minimum=0),
+    Option("--sampling-seed", int, 0, "sampling seed (each generation batch is seeded from it and its place, so reruns repeat)"),
+]
+# One reasoning budget and one answer budget for every stage that generates: a recipe sets
+# them once at its top level, and a stage that reads answers generates up to their sum.
+GENERATION_OPTIONS = [
+    Option("--max-new-tokens", int, 2048, "reasoning budget in tokens (the same for every stage; real reasoning models "
+           "often need 2-8k)", minimum=1),
+    Option("--answer-tokens", int, 512, "answer budget after the reasoning closes, for stages that read the answer", minimum=1),
+    *SAMPLING_OPTIONS,
 ]
 
 
-def thinking_format(s: Settings) -> ThinkingFormat:
-    from probes.chat import ThinkingFormat
+def generation_cap(s: Settings) -> int:
+    """Tokens a stage that reads the answer may generate: reasoning budget plus answer budget."""
+    return int(s["max_new_tokens"]) + int(s["answer_tokens"])
 
-    return ThinkingFormat(
-        open_marker=s["think_open"], close_marker=s["think_close"], template_kwargs=dict(s.get("chat_template_kwargs") or {})
-    )
+
+def warn_unclosed(stage: str, unclosed: int, total: int, limit: float = 0.2) -> None:
+    """Say so when more than ``limit`` of a stage's traces never closed their reasoning:
+    its rates then rest on few answers, and the reasoning budget is likely too small."""
+    if total and unclosed / total > limit:
+        console.print(f"[yellow]warning:[/] {stage}: {unclosed}/{total} traces ({100 * unclosed / total:.0f}%) did not close "
+                      f"their reasoning within --max-new-tokens; rates use closed answers only. Raise --max-new-tokens.",
+                      highlight=False, soft_wrap=True)
+
+
+def _family_format(s: Settings) -> ThinkingFormat:
+    """The thinking format of the model's family, when --model names a directory of a supported one."""
+    from probes.chat import ThinkingFormat
+    from probes.families import UnsupportedModelError, family_for_dir
+
+    model = s.get("model")
+    if not model:
+        return ThinkingFormat()
+    try:
+        return family_for_dir(model).thinking
+    except (UnsupportedModelError, FileNotFoundError, ValueError):
+        return ThinkingFormat()  # the load that follows gives the error, with its own context
+
+
+def thinking_format(s: Settings) -> ThinkingFormat:
+    """Flags over the model family's format (markers, separators and template arguments)."""
+    from dataclasses import replace
+
+    base = _family_format(s)
+    changes: dict[str, Any] = {}
+    if s.get("think_open"):
+        changes["open_marker"] = s["think_open"]
+    if s.get("think_close"):
+        changes["close_marker"] = s["think_close"]
+    if s.get("chat_template_kwargs") is not None:
+        changes["template_kwargs"] = dict(s["chat_template_kwargs"])
+    if s.get("system_prompt"):
+        changes["system_prompt"] = s["system_prompt"]
+    return replace(base, **changes)
+
+
+def sampling_from(s: Settings) -> Sampling:
+    from probes.models import Sampling
+
+    return Sampling(temperature=s.get("temperature") or 0.0, top_p=s.get("top_p") or 1.0, top_k=s.get("top_k") or 0,
+                    seed=s.get("sampling_seed") or 0)
 
 
 def layout_from(s: Settings) -> Layout:
     """How the verb's input rows map to the canonical fields (--format, --map, --where)."""
     from probes.layouts import Layout
 
-    return Layout.from_flags(s.get("format"), s.get("map"), s.get("where"), s.get("think_close") or "</think>")
+    return Layout.from_flags(s.get("format"), s.get("map"), s.get("where"), thinking_format(s).close_marker)
 
 
 def load_model_from(s: Settings, adapter: str | None = None) -> LoadedModel:
     from probes.models import load_model
 
-    return load_model(s["model"], adapter=adapter, device=s["device"], dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+    lm = load_model(s["model"], adapter=adapter, device=s["device"], dtype=s["dtype"], trust_remote_code=s["trust_remote_code"],
+                    device_map=s.get("device_map"), attn_implementation=s.get("attn_implementation"))
+    if "temperature" in s:
+        lm.sampling = sampling_from(s)
+    return lm
 
 
 def at_least_one(s: Settings, name: str) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from probes.capture import num_layers
-from probes.chat import ThinkingFormat, post_instruction_length, split_completion
+from probes.chat import ThinkingFormat, post_instruction_length, reasoning_with_close, split_completion
 from probes.directions import DirectionSettings, extract_refusal_direction, select_refusal_direction, span_mean_difference
 from probes.experts import expert_output_means, find_moe_layers, routing_frequencies
 from probes.generate import generate
@@ -88,7 +88,7 @@ def _answer_sequences(lm: LoadedModel, prompts: Sequence[str], fmt: ThinkingForm
     for g in gens:
         split = split_completion(g.text.replace(eos, ""), fmt)
         if split.closed and judge.judge(split.answer) == "compliance":
-            prefix = lm.tokenizer.encode(f"{split.reasoning}\n{fmt.close_marker}\n\n", add_special_tokens=False)
+            prefix = lm.tokenizer.encode(reasoning_with_close(split.reasoning, fmt) + fmt.after_close, add_special_tokens=False)
             out.append((g.prompt_ids, prefix, split.answer))
     if not out:
         raise ValueError("the model answered none of the harmless extraction prompts; no benign vectors can be built")
@@ -141,7 +141,7 @@ def tune_strengths(lm: LoadedModel, kit: AttackKit, validation: Sequence[PromptI
             attack = build_attack(name, kit, params)
             with attack.mount(lm, kit):
                 r = evaluate_prompts(lm, validation, fmt, eval_settings)
-            results.append({"params": params, "asr": r["asr"], "over_refusal": r["over_refusal"], "n_no_answer": r["n_no_answer"]})
+            results.append({"params": params, "asr": r["asr_of_all"], "over_refusal": r["over_refusal_of_all"], "n_no_answer": r["n_no_answer"]})
         return results
 
     def best(results: list[dict[str, Any]]) -> dict[str, Any]:

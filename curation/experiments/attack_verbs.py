@@ -12,12 +12,14 @@ from curation.cli.options import Option
 from curation.cli.progress import stages
 from curation.cli.verb import (
     DATA_OPTIONS,
+    GENERATION_OPTIONS,
     MARKER_OPTIONS,
     MODEL_OPTIONS,
     Output,
     Settings,
     Verb,
     at_least_one,
+    generation_cap,
     layout_from,
     load_model_from,
     out_console,
@@ -32,9 +34,9 @@ def run_attacks_prepare(s: Settings) -> int:
 
     lm = load_model_from(s, adapter=s["adapter"])
     prompts = s["prompts"] or str(Path(s["model"]) / "train_prompts.jsonl")
-    settings = KitSettings(n_extract=s["n_extract"], n_val=s["n_val"], seed=s["seed"], max_new_tokens=s["max_new_tokens"],
+    settings = KitSettings(n_extract=s["n_extract"], n_val=s["n_val"], seed=s["seed"], max_new_tokens=generation_cap(s),
                            batch_size=s["batch_size"],
-                           directions=DirectionSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
+                           directions=DirectionSettings(max_new_tokens=generation_cap(s), batch_size=s["batch_size"],
                                                         induce_min_gain=None if s["no_induce_check"] else 0.0))
     with stages("attack kit") as say:
         kit = prepare_attack_kit(lm, read_prompts(prompts, layout_from(s)), thinking_format(s), settings, progress=say)
@@ -61,7 +63,7 @@ ATTACKS_PREPARE_VERB = Verb("attacks prepare", "extract the refusal direction, b
         Option("--n-val", int, 32, "prompts per side for direction selection and strength tuning", minimum=1),
         Option("--seed", int, 0, "seed for the extraction/validation split"),
         Option("--no-induce-check", None, False, "do not require the direction to induce refusal on harmless prompts"),
-        Option("--max-new-tokens", int, 128, "generation cap during selection and tuning", minimum=1),
+        *GENERATION_OPTIONS,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
 ] + MODEL_OPTIONS + DATA_OPTIONS, run_attacks_prepare,
     outputs=(Output("--out", folder=True),), inputs=("--model", "--adapter", "--prompts"))

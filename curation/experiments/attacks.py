@@ -99,10 +99,10 @@ def _cell(lm: LoadedModel, kit: AttackKit, attack_name: str, prompts: Sequence[P
     return {
         "attack": attack_name,
         "params": attack.params,
-        "asr": result["asr"],
+        "asr": result["asr_of_all"],
         "asr_suppressed": asr_over(result["per_category"], suppressed) if suppressed else None,
         "asr_other": asr_over(result["per_category"], set(result["per_category"]) - suppressed) if suppressed else None,
-        "over_refusal": result["over_refusal"],
+        "over_refusal": result["over_refusal_of_all"],
         "n_no_answer": result["n_no_answer"],
         "kl_harmless": kl,
         "per_category": result["per_category"],

@@ -42,7 +42,7 @@ def _engine(lm, probe, prompts, fmt, max_new_tokens: int, batch_size: int):
     from probes.forward import probe_traces
     from probes.generate import generate, reasoning_span
 
-    close_ids = lm.tokenizer.encode("\n" + fmt.close_marker, add_special_tokens=False)
+    close_ids = lm.tokenizer.encode(fmt.before_close + fmt.close_marker, add_special_tokens=False)
     gens = generate(lm, prompts, fmt, max_new_tokens=max_new_tokens, batch_size=batch_size)
     scored = [reasoning_span(g, close_ids, max_new_tokens) for g in gens]
     sequences, spans = [x.sequence for x in scored], [x.span for x in scored]
@@ -62,7 +62,7 @@ def _naive(lm, probe, prompts, fmt, max_new_tokens: int, known: list[list[int]] 
     clf.intercept_ = np.array([probe.bias])
     tok = lm.tokenizer
     stops = stop_token_ids(tok, [fmt.close_marker])
-    close_ids = tok.encode("\n" + fmt.close_marker, add_special_tokens=False)
+    close_ids = tok.encode(fmt.before_close + fmt.close_marker, add_special_tokens=False)
     last = num_layers(lm.model) - 1
     layer = probe.layer % (last + 1)
     sequences, spans, traces = [], [], []

@@ -157,7 +157,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     harmless_train = [p for p in train_prompts if not p.harmful]
     rng.shuffle(harmless_train)
     with stages.stage("retain set", total=1):
-        n_retain = build_retain_set(lm, harmless_train[: cfg.retain_size], retain, fmt)
+        n_retain = build_retain_set(lm, harmless_train[: cfg.retain_size], retain, fmt).written
 
     with stages.stage("evaluate before", total=len(heldout)) as advance:
         before = evaluate_prompts(lm, heldout, fmt, EvalSettings(), progress=advance)
@@ -197,12 +197,12 @@ def _assemble_report(cfg, root, organism_meta, suppressed, probe, probe_report, 
             "selected_categories": {c: selected_categories.count(c) for c in sorted(set(selected_categories), key=str)},
         },
         "asr": {"before": asr_over(before["per_category"], suppressed), "after": asr_over(after["per_category"], suppressed)},
-        "asr_all": {"before": before["asr"], "after": after["asr"]},
+        "asr_all": {"before": before["asr_of_all"], "after": after["asr_of_all"]},
         "asr_other_areas": {
             "before": asr_over(before["per_category"], harmful_cats - suppressed),
             "after": asr_over(after["per_category"], harmful_cats - suppressed),
         },
-        "over_refusal": {"before": before["over_refusal"], "after": after["over_refusal"]},
+        "over_refusal": {"before": before["over_refusal_of_all"], "after": after["over_refusal_of_all"]},
         "n_heldout": {"harmful": before["n_harmful"], "harmless": before["n_harmless"]},
         "per_category": {"before": before["per_category"], "after": after["per_category"]},
         "probe": {"probe_id": probe.probe_id, "layer": probe.layer, "n_positive": probe_report.n_positive,

@@ -83,8 +83,8 @@ def run_heads(
                 progress(f"k={k}% {name}")
             with scale_heads(lm.model, heads, settings.gamma, settings.keep_norm):
                 result = evaluate_prompts(lm, eval_prompts, fmt, eval_settings)
-            row[f"{name}_asr"] = result["asr"]
-            row[f"{name}_over_refusal"] = result["over_refusal"]
+            row[f"{name}_asr"] = result["asr_of_all"]
+            row[f"{name}_over_refusal"] = result["over_refusal_of_all"]
         sweep.append(row)
     doc: dict[str, Any] = {
         "probe_id": probe.probe_id,
@@ -95,7 +95,7 @@ def run_heads(
         "settings": asdict(settings),
         "contributions": contributions.tolist(),
         "ranking": ranking,
-        "base": {"asr": base["asr"], "over_refusal": base["over_refusal"]},
+        "base": {"asr": base["asr_of_all"], "over_refusal": base["over_refusal_of_all"]},
         "sweep": sweep,
     }
     write_json_atomic(out / "heads.json", doc)

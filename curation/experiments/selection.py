@@ -61,8 +61,8 @@ def _plan(exp: SelectionExperiment) -> list[tuple[str, str, int]]:
 def _metrics(result: dict[str, Any], suppressed: set[str]) -> dict[str, Any]:
     return {
         "asr_suppressed": asr_over(result["per_category"], suppressed) if suppressed else None,
-        "asr_all": result["asr"],
-        "over_refusal": result["over_refusal"],
+        "asr_all": result["asr_of_all"],
+        "over_refusal": result["over_refusal_of_all"],
         "n_no_answer": result["n_no_answer"],
     }
 

@@ -12,6 +12,7 @@ from curation.cli.options import Option
 from curation.cli.progress import stages
 from curation.cli.verb import (
     DATA_OPTIONS,
+    GENERATION_OPTIONS,
     MARKER_OPTIONS,
     MODEL_OPTIONS,
     Output,
@@ -19,6 +20,7 @@ from curation.cli.verb import (
     Verb,
     at_least_one,
     console,
+    generation_cap,
     layout_from,
     load_model_from,
     out_console,
@@ -89,7 +91,7 @@ def run_heads(s: Settings) -> int:
         raise ValueError("--ks takes percentages above 0 and at most 100, e.g. 1,3,5")
     if s["export_top"] and not s["export_out"]:
         raise ValueError("--export-top needs --export-out")
-    settings = HeadsSettings(ks=ks, gamma=s["gamma"], keep_norm=s["keep_norm"], max_new_tokens=s["max_new_tokens"],
+    settings = HeadsSettings(ks=ks, gamma=s["gamma"], keep_norm=s["keep_norm"], max_new_tokens=generation_cap(s),
                              batch_size=s["batch_size"], seed=s["seed"])
     lm = load_model_from(s)
     with stages("heads") as say:
@@ -118,7 +120,7 @@ HEADS_VERB = Verb("heads", "rank refusal-suppression heads and ablate the top k%
         Option("--ks", str, "1,3,5,10", "percentages of all heads to ablate"),
         Option("--gamma", float, 0.0, "scale for ablated heads (0 removes them)"),
         Option("--keep-norm", None, False, "rescale each token's attention output to its original norm"),
-        Option("--max-new-tokens", int, 128, "reasoning length cap", minimum=1),
+        *GENERATION_OPTIONS,
         Option("--batch-size", int, 16, "batch size", minimum=1),
         Option("--seed", int, 0, "seed for the random-heads control"),
         Option("--export-top", int, None, "also save a model with this many top heads scaled in the weights", minimum=1),

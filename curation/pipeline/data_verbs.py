@@ -12,6 +12,7 @@ from rich.table import Table
 from curation.cli.options import Option
 from curation.cli.verb import (
     DATA_OPTIONS,
+    GENERATION_OPTIONS,
     MARKER_OPTIONS,
     MODEL_OPTIONS,
     Output,
@@ -22,7 +23,9 @@ from curation.cli.verb import (
     layout_from,
     load_model_from,
     out_console,
+    sampling_from,
     thinking_format,
+    warn_unclosed,
 )
 from curation.pipeline.select import STRATEGIES
 
@@ -46,7 +49,7 @@ def run_score(s: Settings) -> int:
     from probes.refusal import RefusalProbe
 
     settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"],
-                             judge_answers=s["judge_answers"])
+                             judge_answers=s["judge_answers"], answer_tokens=s["answer_tokens"])
     shard = Shard.parse(s["shard"]) if s["shard"] else None
     if shard is not None and not s["shard_dir"]:
         raise ValueError("--shard needs --shard-dir (where the shard's Parquet files go)")
@@ -68,9 +71,11 @@ def run_score(s: Settings) -> int:
 
             # The driver needs the tokenizer and config only; the actors hold the weights.
             lm = load_model_shell(s["model"], trust_remote_code=s["trust_remote_code"])
+            lm.sampling = sampling_from(s)  # recorded by the run; each actor decodes with it
             engine = RayEngine(model=s["model"], probe=s["probe"], fmt=thinking_format(s), settings=settings,
                                address=s["ray_address"], num_actors=s["ray_actors"], gpus_per_actor=s["ray_gpus_per_actor"],
-                               device=s["device"], dtype=s["dtype"], trust_remote_code=s["trust_remote_code"])
+                               device=s["device"], dtype=s["dtype"], trust_remote_code=s["trust_remote_code"],
+                               sampling=lm.sampling)
         else:
             lm = load_model_from(s)
         probe = RefusalProbe.load_for(s["probe"], lm)
@@ -116,6 +121,7 @@ def run_score(s: Settings) -> int:
         console.print(f"    {q.source}:{q.line}: {q.reason}", soft_wrap=True, highlight=False, markup=False)
     if reasons and shard is None:
         console.print(f"  see them with: curate status --db {s['db']} (table quarantine)", soft_wrap=True, markup=False)
+    warn_unclosed("score", summary.n_unclosed, summary.n_scored)
     return 1 if (s["strict"] and summary.n_quarantined) else 0
 
 
@@ -131,7 +137,7 @@ SCORE_VERB = Verb("score", "score candidate examples by the refusal cliff into D
         Option("--ray-address", str, None, "Ray cluster address (e.g. ray://head:10001 or auto); default: a local instance"),
         Option("--ray-actors", int, 1, "model-holding actors (one model copy each)", minimum=1),
         Option("--ray-gpus-per-actor", float, 0.0, "GPUs per actor (1 on a GPU cluster)"),
-        Option("--max-new-tokens", int, 128, "reasoning length cap", minimum=1),
+        *GENERATION_OPTIONS,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--chunk-size", int, 64, "examples per committed transaction", minimum=1),
         Option("--strict", None, False, "exit 1 if any row was quarantined"),
@@ -212,7 +218,8 @@ def run_run(s: Settings) -> int:
     cfg = NightlySettings(sources=tuple(str(x) for x in sources), model=s["model"], probe=s["probe"], db=s["db"], out=s["out"],
                           budget=s["budget"], strategy=s["strategy"], seed=s["seed"],
                           score=ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
-                                              chunk_size=s["chunk_size"], judge_answers=s["judge_answers"]),
+                                              chunk_size=s["chunk_size"], judge_answers=s["judge_answers"],
+                                              answer_tokens=s["answer_tokens"]),
                           layout=layout_from(s))
     for source in cfg.sources:
         check_input_file(source, "--sources")
@@ -248,7 +255,7 @@ RUN_VERB = Verb("run", "the nightly job from one manifest: score new rows, selec
         Option("--budget", str, "1.7%", "selection budget"),
         Option("--strategy", str, "cliff", "selection strategy", choices=STRATEGIES),
         Option("--seed", int, 0, "seed for random strategies"),
-        Option("--max-new-tokens", int, 128, "reasoning length cap", minimum=1),
+        *GENERATION_OPTIONS,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--chunk-size", int, 64, "examples per committed transaction", minimum=1),
         Option("--judge-answers", None, False, "also judge each answer (for --strategy rule)"),

@@ -11,16 +11,19 @@ from curation.cli.options import Option
 from curation.cli.progress import VERBOSITY, stages, track
 from curation.cli.verb import (
     DATA_OPTIONS,
+    GENERATION_OPTIONS,
     MODEL_OPTIONS,
     Output,
     Settings,
     Verb,
     console,
+    generation_cap,
     json_object,
     layout_from,
     load_model_from,
     out_console,
     thinking_format,
+    warn_unclosed,
 )
 from training.attack_names import ATTACKS as ATTACK_NAMES
 
@@ -62,7 +65,7 @@ def run_probe_train(s: Settings) -> int:
     prompts_file = s["prompts"] or str(Path(s["model"]) / "train_prompts.jsonl")
     prompts = read_prompts(prompts_file, layout_from(s))
     lm = load_model_from(s)
-    settings = ProbeTrainSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=s["seed"],
+    settings = ProbeTrainSettings(max_new_tokens=generation_cap(s), batch_size=s["batch_size"], seed=s["seed"],
                                   layer=s["layer"], protocol=s["protocol"])
     with track("probe train: generating", total=len(prompts), unit="prompts") as advance:
         probe, report = train_probe_for_model(lm, prompts, thinking_format(s), settings, progress=advance)
@@ -76,6 +79,7 @@ def run_probe_train(s: Settings) -> int:
         table.add_row(f"{r.layer}{mark}", f"{r.heldout_accuracy:.3f}", f"{r.heldout_auroc:.3f}", gap, f"{r.C:g}")
     out_console.print(table)
     out_console.print(f"probe {probe.probe_id} (layer {probe.layer}) saved to {s['out']}; {report.n_skipped} traces skipped")
+    warn_unclosed("probe train", report.n_unclosed, report.n_prompts)
     return 0
 
 
@@ -84,7 +88,7 @@ PROBE_TRAIN_VERB = Verb("probe train", "train the refusal probe on the model's o
         Option("--out", str, None, "probe output directory", required=True),
         Option("--prompts", str, None, "jsonl with prompt/harmful fields (default: MODEL/train_prompts.jsonl)"),
         Option("--layer", int, None, "fit only this layer (default: sweep every layer)"),
-        Option("--max-new-tokens", int, 160, "generation cap", minimum=1),
+        *GENERATION_OPTIONS,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--seed", int, 0, "seed for the held-out split"),
         Option("--protocol", str, "behaviour", "behaviour: label by the model's answer; reference: harmful-refused vs harmless-answered",
@@ -101,8 +105,9 @@ def run_retain(s: Settings) -> int:
     prompts = prompts[: s["limit"]] if s["limit"] else prompts
     lm = load_model_from(s)
     with track("retain: generating", total=sum(1 for p in prompts if not p.harmful), unit="prompts") as advance:
-        n = build_retain_set(lm, prompts, s["out"], thinking_format(s), max_new_tokens=s["max_new_tokens"], progress=advance)
-    out_console.print(f"retain set: {n} pairs -> {s['out']}")
+        made = build_retain_set(lm, prompts, s["out"], thinking_format(s), max_new_tokens=generation_cap(s), progress=advance)
+    out_console.print(f"retain set: {made.written} pairs from {made.prompts} harmless prompts -> {s['out']}")
+    warn_unclosed("retain", made.unclosed, made.prompts)
     return 0
 
 
@@ -111,7 +116,7 @@ RETAIN_VERB = Verb("retain", "make a retain set from the model's own answers to 
         Option("--prompts", str, None, "jsonl prompts; rows with harmful=false are used", required=True),
         Option("--out", str, None, "output jsonl", required=True),
         Option("--limit", int, None, "use at most this many prompts", minimum=1),
-        Option("--max-new-tokens", int, 192, "generation cap", minimum=1),
+        *GENERATION_OPTIONS,
 ] + MODEL_OPTIONS + DATA_OPTIONS, run_retain,
     outputs=(Output("--out"),), inputs=("--model", "--prompts"))
 
@@ -159,7 +164,7 @@ def run_evaluate(s: Settings) -> int:
 
     items = read_prompts(s["prompts"], layout_from(s))
     lm = load_model_from(s, adapter=s["adapter"])
-    settings = EvalSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"])
+    settings = EvalSettings(max_new_tokens=generation_cap(s), batch_size=s["batch_size"])
     if s["attack"] == "none" and not s["attack_kit"]:
         with track("evaluate: generating", total=len(items), unit="prompts") as advance:
             result = evaluate_prompts(lm, items, thinking_format(s), settings, progress=advance)
@@ -176,13 +181,16 @@ def run_evaluate(s: Settings) -> int:
                                           thinking_format(s), settings, progress=advance)
         result["attack"] = {"name": attack.name, "params": attack.params}
     write_json_atomic(s["out"], result)
+    warn_unclosed("evaluate", result["n_unclosed_harmful"] + result["n_unclosed_harmless"], result["n_harmful"] + result["n_harmless"])
     title = f"evaluation ({result['judge']} judge" + (f", attack {s['attack']})" if s["attack"] != "none" else ")")
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, key, n in (("ASR", "asr", "n_harmful"), ("over-refusal", "over_refusal", "n_harmless")):
+    for name, key, n, unclosed in (("ASR", "asr", "n_harmful", "n_unclosed_harmful"),
+                                   ("over-refusal", "over_refusal", "n_harmless", "n_unclosed_harmless")):
         v = result[key]
-        table.add_row(f"{name} (n={result[n]})", "—" if v is None else f"{100 * v:.1f}%")
+        closed = result[n] - result[unclosed]
+        table.add_row(f"{name} (n={closed} closed, {result[unclosed]} unclosed)", "—" if v is None else f"{100 * v:.1f}%")
     for cat, v in result["per_category"].items():
         table.add_row(f"  ASR {cat} (n={v['n']})", f"{100 * v['asr']:.1f}%")
     out_console.print(table)
@@ -194,7 +202,7 @@ EVALUATE_VERB = Verb("evaluate", "ASR and over-refusal with the keyword judge on
         Option("--adapter", str, None, "LoRA adapter directory"),
         Option("--prompts", str, None, "jsonl (prompt, category, harmful) or text, one harmful prompt per line", required=True),
         Option("--out", str, None, "output JSON", required=True),
-        Option("--max-new-tokens", int, 192, "generation cap (reasoning + answer)", minimum=1),
+        *GENERATION_OPTIONS,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--attack", str, "none", "steering attack mounted during generation", choices=ATTACK_NAMES),
         Option("--attack-kit", str, None, "attack kit directory (curate attacks prepare) for this model"),

@@ -56,6 +56,7 @@ class ProbeTrainReport:
     n_positive: int
     n_negative: int
     n_skipped: int  # unclosed traces, no answer, or behaviour outside the protocol
+    n_unclosed: int = 0  # of the skipped: reasoning never closed within the budget
 
 
 PROTOCOLS = ("behaviour", "reference")
@@ -91,12 +92,13 @@ def train_probe_for_model(
     spans: list[tuple[int, int]] = []
     harmful: list[bool] = []
     labels: list[int] = []
-    skipped = 0
+    skipped = unclosed = 0
     close_len = len(lm.tokenizer.encode(fmt.close_marker, add_special_tokens=False))
     for item, g in zip(prompts, gens, strict=True):
         verdict = judge.judge(split_completion(g.text, fmt).answer)
         if g.close_index is None or verdict == "no_answer":
             skipped += 1
+            unclosed += g.close_index is None
             continue
         label = _label(item.harmful, verdict, settings.protocol)
         if label is None:
@@ -132,4 +134,4 @@ def train_probe_for_model(
         for result in sweep.results:
             m = means[result.layer]
             result.span_gap = float(np.nanmean(m[: len(pos)]) - np.nanmean(m[len(pos) :]))
-    return sweep.choose(), ProbeTrainReport(len(prompts), n_pos, n_neg, skipped)
+    return sweep.choose(), ProbeTrainReport(len(prompts), n_pos, n_neg, skipped, unclosed)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from curation.pipeline.score import ScoredItem, ScoreSettings, score_chunk_safely
@@ -27,6 +27,7 @@ from curation.pipeline.sources import CandidateRecord, QuarantinedRow
 from curation.pipeline.store import ScoreRow
 from probes.chat import ThinkingFormat
 from probes.cliff import CliffMetrics
+from probes.models import Sampling
 
 
 def _record_to_dict(r: CandidateRecord) -> dict[str, Any]:
@@ -59,15 +60,16 @@ class ScoringActor:
     """Holds one copy of the model and probe; scores one chunk per call."""
 
     def __init__(self, model: str, probe: str, fmt: dict[str, Any], settings: dict[str, Any], device: str, dtype: str,
-                 trust_remote_code: bool, torch_threads: int | None) -> None:
+                 trust_remote_code: bool, torch_threads: int | None, sampling: dict[str, Any] | None = None) -> None:
         import torch
 
-        from probes.models import load_model
+        from probes.models import Sampling, load_model
         from probes.refusal import RefusalProbe
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.lm = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.lm.sampling = Sampling(**(sampling or {}))
         self.probe = RefusalProbe.load_for(probe, self.lm)
         self.fmt = ThinkingFormat(**fmt)
         self.settings = ScoreSettings(**settings)
@@ -95,6 +97,7 @@ class RayEngine:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    sampling: Sampling = field(default_factory=lambda: Sampling())
 
     def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoredItem]]]:
         import ray
@@ -118,6 +121,7 @@ class RayEngine:
                 "model": self.model, "probe": self.probe, "fmt": asdict(self.fmt), "settings": asdict(self.settings),
                 "device": self.device, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code,
                 "torch_threads": int(self.cpus_per_actor) if self.gpus_per_actor == 0 else None,
+                "sampling": asdict(self.sampling),
             },
             batch_size=1,  # one whole chunk per call: the same batches as the local engine
             concurrency=self.num_actors,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from curation.pipeline.quarantine import failed_row, is_finite, non_finite_row, reused_id_row, set_aside
@@ -118,7 +118,7 @@ def score_records(
     probe.check_model(lm.fingerprint, model_hidden_size(lm))
     engine = engine or LocalEngine(lm, probe, fmt, settings)
     run_id = run_id or uuid.uuid4().hex[:12]
-    store.start_run(run_id, "score", {"settings": settings.__dict__, "format": fmt.close_marker,
+    store.start_run(run_id, "score", {"settings": settings.__dict__, "sampling": asdict(lm.sampling), "format": asdict(fmt),
                                       "engine": type(engine).__name__, "inputs": list(inputs)}, lm.fingerprint, probe.probe_id)
     counts = {"candidates": 0, "new_examples": 0, "already_scored": 0, "scored": 0, "unclosed": 0, "over_context": 0,
               "quarantined": 0, "quarantined_new": 0}
@@ -244,7 +244,7 @@ def score_chunk(
         stop_at_close=not settings.judge_answers,
     )
     judge = SubstringJudge()
-    close_ids = lm.tokenizer.encode("\n" + fmt.close_marker, add_special_tokens=False)
+    close_ids = lm.tokenizer.encode(fmt.before_close + fmt.close_marker, add_special_tokens=False)
     scored_spans = [reasoning_span(g, close_ids, settings.max_new_tokens) for g in gens]
     traces = probe_traces(lm, probe, [x.sequence for x in scored_spans], [x.span for x in scored_spans], batch_size=settings.batch_size)
     rows = []

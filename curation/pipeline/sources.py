@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probes.chat import ThinkingFormat
+from probes.chat import ThinkingFormat, split_completion
 from probes.layouts import Layout
 from probes.rows import Row, has_surrogate, iter_rows
 
@@ -70,8 +70,8 @@ def split_response(response: str, fmt: ThinkingFormat) -> tuple[str, str]:
     idx = response.find(fmt.close_marker)
     if idx < 0:
         return "", response.strip()
-    reasoning = response[:idx].replace(fmt.open_marker, "").strip()
-    return reasoning, response[idx + len(fmt.close_marker) :].strip()
+    split = split_completion(response, fmt)
+    return split.reasoning.replace(fmt.open_marker, "").strip(), split.answer
 
 
 def _validate(obj: object) -> tuple[dict[str, Any] | None, str | None]:
