@@ -222,7 +222,7 @@ def load_model(
     )
 
 
-def load_model_shell(path: str | Path, *, trust_remote_code: bool = False) -> LoadedModel:
+def load_model_shell(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32") -> LoadedModel:
     """Tokenizer, config and fingerprint with the weights left out (the model is
     built on the meta device): what a driver needs when the model itself runs
     elsewhere (Ray actors), without loading it into the driver's memory."""
@@ -230,5 +230,7 @@ def load_model_shell(path: str | Path, *, trust_remote_code: bool = False) -> Lo
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        # In the dtype the real copies are loaded in: it is part of the generation settings' digest.
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                 dtype=resolve_dtype(dtype, torch.device("cpu")))
     return LoadedModel(model=model, tokenizer=tokenizer, path=str(path), fingerprint=fingerprint)

@@ -303,7 +303,7 @@ def test_strict_turns_a_quarantine_into_exit_1(capsys, organism_dir: Path, probe
 
 def test_a_row_that_breaks_scoring_is_quarantined(capsys, organism_dir: Path, probe_dir: Path, candidates: Path,
                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import curation.pipeline.score as score
+    import curation.pipeline.chunk_scoring as score
 
     real = score.score_chunk
 

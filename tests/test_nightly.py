@@ -61,9 +61,10 @@ def test_sigkill_mid_run_then_rerun_gives_one_row_per_key(
     assert 32 <= partial < 160 and partial % 16 == 0, partial  # whole chunks only, at least the two logged
     assert statuses == ["running"]  # the killed run never finished
 
-    done = subprocess.run(_score_cmd(organism_dir, probe_dir, data, db), env=env, capture_output=True, text=True)
+    done = subprocess.run([*_score_cmd(organism_dir, probe_dir, data, db), "--json"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"{partial} already scored" in done.stdout
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["n_already_scored"] == partial and summary["n_scored"] == 160 - partial
     with duckdb.connect(str(db), read_only=True) as con:
         n, distinct = con.execute(
             "SELECT count(*), count(DISTINCT (example_id, model_fingerprint, probe_id)) FROM scores").fetchone()

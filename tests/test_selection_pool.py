@@ -19,7 +19,7 @@ from probes.refusal import RefusalProbe
 
 def test_a_nan_trace_is_quarantined_never_scored(capsys, organism_dir: Path, probe: RefusalProbe, candidates: Path,
                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import curation.pipeline.score as score
+    import curation.pipeline.chunk_scoring as score
 
     real = score.score_chunk
 
@@ -27,7 +27,7 @@ def test_a_nan_trace_is_quarantined_never_scored(capsys, organism_dir: Path, pro
         rows = real(lm, probe_, chunk, *args, **kwargs)
         # What an fp16 overflow looks like: the poisoned row's trace and metrics turn to NaN.
         return [replace(r, trace=[math.nan] * len(r.trace), metrics=replace(r.metrics, misalignment=math.nan))
-                if r.example_id == poisoned else r for r in rows]
+                if getattr(r, "example_id", None) == poisoned else r for r in rows]
 
     lines = candidates.read_text().splitlines()[:4]
     from curation.pipeline.sources import content_id

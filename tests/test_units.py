@@ -222,7 +222,8 @@ def test_ranked_selection_prefilter_never_changes_the_result(tmp_path, order: st
                 f"SELECT example_id FROM scores WHERE model_fingerprint = 'fp' AND probe_id = 'probe' AND isfinite(misalignment) "
                 f"AND (NOT ? OR answer_verdict IS DISTINCT FROM 'refusal') ORDER BY {column_order} LIMIT ?",
                 [exclude, limit]).fetchall()
-            params: dict[str, object] = {"fp": "fp", "probe": "probe", "exclude": exclude, "as_of": None, "unclosed": False}
+            params: dict[str, object] = {"fp": "fp", "probe": "probe", "exclude": exclude, "as_of": None, "unclosed": False,
+                                         "settings": None}
             assert limit == 4_000 or store._rank_cut(order, limit, params), "the pre-filter should apply here"
             got = store.selection("fp", "probe", order, limit, exclude_refusals=exclude)
             assert [r[0] for r in got] == [r[0] for r in plain], (order, limit, exclude)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from curation.cli.verb import Verb
 from curation.experiments import attack_verbs, verbs
-from curation.pipeline import data_verbs, doctor_verb, model_verbs
+from curation.pipeline import data_verbs, doctor_verb, generation_verbs, model_verbs, store_verbs
 
 _ALL: tuple[Verb, ...] = (
     model_verbs.ORGANISM_BUILD_VERB,
@@ -19,8 +19,9 @@ _ALL: tuple[Verb, ...] = (
     data_verbs.SCORE_VERB,
     data_verbs.SELECT_VERB,
     data_verbs.RUN_VERB,
-    data_verbs.INGEST_VERB,
-    data_verbs.STATUS_VERB,
+    store_verbs.INGEST_VERB,
+    generation_verbs.GENERATIONS_IMPORT_VERB,
+    store_verbs.STATUS_VERB,
     model_verbs.RETAIN_VERB,
     model_verbs.FINETUNE_VERB,
     model_verbs.EVALUATE_VERB,

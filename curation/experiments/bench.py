@@ -214,6 +214,33 @@ def run_scoring_bench(model: str, probe: str, prompts: str, *, n: int, max_new_t
     return result
 
 
+def run_store_bench(rows: int, trace_tokens: int = 1000, budget: str = "1.7%", directory: str | None = None) -> dict[str, Any]:
+    """A store of ``rows`` scored examples with ``trace_tokens``-token traces and about as much
+    reasoning text: size on disk, a selection on a fresh open, and ``curate status``."""
+    from curation.pipeline.select import export_selection
+    from curation.pipeline.store import Store
+
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        db = Path(tmp) / "store.duckdb"
+        started = time.perf_counter()
+        with Store(db) as store:
+            store.fill_synthetic(rows, trace_tokens=trace_tokens, reasoning_chars=4 * trace_tokens)
+            store.con.execute("CHECKPOINT")
+        fill = time.perf_counter() - started
+        size = db.stat().st_size + sum(p.stat().st_size for p in Path(tmp).glob("store.duckdb.wal"))
+        started = time.perf_counter()
+        with Store(db) as store:
+            manifest = export_selection(store, Path(tmp) / "sel.jsonl", strategy="cliff", budget_text=budget)
+        select_s = time.perf_counter() - started
+        started = time.perf_counter()
+        with Store(db, read_only=True) as store:
+            store.status()
+        status_s = time.perf_counter() - started
+    return {"rows": rows, "trace_tokens": trace_tokens, "reasoning_chars": 4 * trace_tokens, "fill_seconds": fill,
+            "size_bytes": size, "bytes_per_row": size / rows, "n_selected": manifest.n_selected, "select_seconds": select_s,
+            "status_seconds": status_s}
+
+
 def run_select_bench(rows: int, budget: str = "1.7%") -> dict[str, Any]:
     """Fill a store with synthetic score rows and time a cliff selection and export."""
     from curation.pipeline.select import export_selection

@@ -149,8 +149,48 @@ def run_bench(s: Settings) -> int:
         if s["out"]:
             write_json_atomic(s["out"], {"stream": stream})
         return 0
+    if s["reprobe"]:
+        from curation.experiments.reprobe_bench import run_reprobe_bench
+
+        model_dir = Path(s["model"])
+        with stages("re-probe bench") as say:
+            say("organism, then a random-weight model with Qwen3's 151,936-token vocabulary")
+            both = run_reprobe_bench(model_dir, s["probe"], s["prompts"] or model_dir / "train_prompts.jsonl", n=s["n"],
+                                     max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"])
+        table = Table(title=f"stored generations: {s['n']} prompts, {s['max_new_tokens']} new tokens, batch {s['batch_size']}")
+        for col in ("model", "params", "plain generate s", "full scoring s", "re-probe s", "re-probe speed-up",
+                    "full scoring / generate", "probe pass / bare forward"):
+            table.add_column(col, justify="right")
+        for name, r in both.items():
+            sec, ratio = r["seconds"], r["ratios"]
+            table.add_row(name, f"{r['parameters'] / 1e6:.1f}M", f"{sec['plain_generate']:.2f}", f"{sec['full_scoring']:.2f}",
+                          f"{sec['reprobe']:.3f}", f"{ratio['reprobe_speedup']:.1f}x",
+                          f"{ratio['full_scoring_over_plain_generate']:.2f}x", f"{ratio['probe_pass_throughput_over_bare_forward']:.2f}x")
+        out_console.print(table)
+        out_console.print("targets: re-probe >= 20x (realistic model), full scoring <= 1.25x plain generate, "
+                          "probe pass >= 0.8x bare forward", highlight=False)
+        if s["out"]:
+            write_json_atomic(s["out"], {"reprobe": both})
+        return 0
+    if s["store"]:
+        from curation.experiments.bench import run_store_bench
+
+        with stages("store bench") as say:
+            rows = s["rows"] or 1_000_000
+            say(f"filling {rows:,} scored rows with {s['trace_tokens']}-token traces")
+            result = run_store_bench(rows, s["trace_tokens"], s["budget"])
+        table = Table(title=f"a store of {result['rows']:,} scored examples, {result['trace_tokens']}-token traces, "
+                            f"{result['reasoning_chars']:,} characters of reasoning each")
+        for col in ("size on disk", "bytes per row", f"select --budget {s['budget']} (fresh open)", "curate status", "filled in"):
+            table.add_column(col, justify="right")
+        table.add_row(f"{result['size_bytes'] / 2**30:.2f} GiB", f"{result['bytes_per_row']:,.0f}", f"{result['select_seconds']:.2f} s",
+                      f"{result['status_seconds']:.2f} s", f"{result['fill_seconds']:.0f} s")
+        out_console.print(table)
+        if s["out"]:
+            write_json_atomic(s["out"], {"store": result})
+        return 0
     if s["select"]:
-        result = run_select_bench(s["rows"], s["budget"])
+        result = run_select_bench(s["rows"] or 10_000_000, s["budget"])
         out_console.print(
             f"select --budget {result['budget']} over {result['rows']:,} score rows: {result['n_selected']:,} selected "
             f"and exported in {result['select_seconds']:.2f} s (store filled in {result['fill_seconds']:.1f} s)"
@@ -196,7 +236,11 @@ BENCH_VERB = Verb("bench", "time the scoring engine against a naive baseline (or
         Option("--batch-size", int, 16, "engine batch size", minimum=1),
         Option("--tolerance", float, 1e-3, "largest allowed score difference"),
         Option("--select", None, False, "benchmark selection instead of scoring"),
-        Option("--rows", int, 10_000_000, "score rows for --select", minimum=1),
+        Option("--store", None, False, "benchmark a large store: size on disk, selection and status times (--rows, --trace-tokens)"),
+        Option("--trace-tokens", int, 1000, "trace length per row for --store", minimum=1),
+        Option("--reprobe", None, False, "benchmark scoring a second probe from stored generations against generating "
+               "(organism and a random model with a real vocabulary)"),
+        Option("--rows", int, None, "score rows for --select (default 10,000,000) or --store (default 1,000,000)", minimum=1),
         Option("--stream", None, False, "benchmark reading a large parquet pool (peak memory) instead of scoring"),
         Option("--stream-rows", int, 1_000_000, "pool rows for --stream", minimum=10),
         Option("--budget", str, "1.7%", "budget for --select"),

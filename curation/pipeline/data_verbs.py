@@ -30,17 +30,6 @@ from curation.cli.verb import (
 from curation.pipeline.select import STRATEGIES
 
 
-def _cell_text(value: object) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, str) and value.startswith("{"):
-        try:  # run counts: one short line of k=v
-            return " ".join(f"{k}={v}" for k, v in json.loads(value).items())
-        except json.JSONDecodeError:
-            return value
-    return str(value)
-
-
 def run_score(s: Settings) -> int:
     from curation.pipeline.score import ScoreSettings, score_records
     from curation.pipeline.shards import ParquetShardSink, Shard
@@ -70,11 +59,13 @@ def run_score(s: Settings) -> int:
             from probes.models import load_model_shell
 
             # The driver needs the tokenizer and config only; the actors hold the weights.
-            lm = load_model_shell(s["model"], trust_remote_code=s["trust_remote_code"])
+            # One explicit dtype for the driver's record and every actor: "auto" would resolve on each machine.
+            dtype = s["dtype"] if s["dtype"] != "auto" else ("bfloat16" if s["ray_gpus_per_actor"] > 0 else "float32")
+            lm = load_model_shell(s["model"], trust_remote_code=s["trust_remote_code"], dtype=dtype)
             lm.sampling = sampling_from(s)  # recorded by the run; each actor decodes with it
             engine = RayEngine(model=s["model"], probe=s["probe"], fmt=thinking_format(s), settings=settings,
                                address=s["ray_address"], num_actors=s["ray_actors"], gpus_per_actor=s["ray_gpus_per_actor"],
-                               device=s["device"], dtype=s["dtype"], trust_remote_code=s["trust_remote_code"],
+                               device=s["device"], dtype=dtype, trust_remote_code=s["trust_remote_code"],
                                sampling=lm.sampling)
         else:
             lm = load_model_from(s)
@@ -100,12 +91,17 @@ def run_score(s: Settings) -> int:
         with track("committed chunk", total=None if shard else count_rows(s["data"]), unit="candidates") as on_chunk:
             summary = score_records(lm, probe, sink, records(), thinking_format(s), settings, progress=on_chunk, engine=engine,
                                     inputs=inputs)
-    out_console.print(
-        f"run {summary.run_id}: {summary.n_candidates} candidates, {summary.n_scored} scored, "
-        f"{summary.n_already_scored} already scored, {summary.n_unclosed} traces hit the length cap; "
-        f"{summary.n_quarantined} rows quarantined ({summary.n_quarantined_new} not seen before), "
-        f"{counts.get('duplicates', 0)} duplicates kept as aliases"
-    )
+    table = Table(title=f"score run {summary.run_id}")
+    table.add_column("")
+    table.add_column("rows", justify="right")
+    for label, value in (("candidates", summary.n_candidates), ("scored", summary.n_scored),
+                         ("  generated now", summary.n_generated), ("  from stored or shared generations", summary.n_reused_generations),
+                         ("already scored (same generation settings)", summary.n_already_scored),
+                         ("unclosed (reasoning hit --max-new-tokens)", summary.n_unclosed),
+                         ("quarantined", summary.n_quarantined), ("  not seen before", summary.n_quarantined_new),
+                         ("duplicates kept as aliases", counts.get("duplicates", 0))):
+        table.add_row(label, str(value))
+    (console if s["json"] else out_console).print(table)
     reasons: dict[str, int] = {}
     for q in unreadable:
         key = q.reason.split(":")[0].split("(")[0].strip()
@@ -122,6 +118,8 @@ def run_score(s: Settings) -> int:
     if reasons and shard is None:
         console.print(f"  see them with: curate status --db {s['db']} (table quarantine)", soft_wrap=True, markup=False)
     warn_unclosed("score", summary.n_unclosed, summary.n_scored)
+    if s["json"]:  # the last line of stdout, for scripts
+        print(json.dumps({**summary.as_json(), "n_duplicates": counts.get("duplicates", 0)}))
     return 1 if (s["strict"] and summary.n_quarantined) else 0
 
 
@@ -142,6 +140,7 @@ SCORE_VERB = Verb("score", "score candidate examples by the refusal cliff into D
         Option("--chunk-size", int, 64, "examples per committed transaction", minimum=1),
         Option("--strict", None, False, "exit 1 if any row was quarantined"),
         Option("--judge-answers", None, False, "also generate each answer and store the judge's verdict (for --strategy rule)"),
+        Option("--json", None, False, "print the run's summary as one JSON object, the last line of stdout"),
 ] + MODEL_OPTIONS + DATA_OPTIONS, run_score,
     outputs=(Output("--db", appends=True), Output("--shard-dir", folder=True, appends=True)), inputs=("--model", "--probe", "--data"))
 
@@ -153,7 +152,8 @@ def run_select(s: Settings) -> int:
     with Store(s["db"], read_only=True, on_wait=lambda m: console.print(m, soft_wrap=True, markup=False)) as store:
         m = export_selection(store, s["out"], strategy=s["strategy"], budget_text=s["budget"], seed=s["seed"],
                              target=s["target"], fmt=thinking_format(s), model_fingerprint=s["model_fingerprint"], probe_id=s["probe_id"],
-                             out_format=s["out_format"], include_unclosed=s["include_unclosed"])
+                             out_format=s["out_format"], include_unclosed=s["include_unclosed"],
+                             settings_sha256=s["generation_settings"])
     out_console.print(f"selected {m.n_selected} of {m.n_pool} ({m.strategy}, budget {m.budget}) -> {m.output} ({m.out_format}); "
                       f"card {m.card}")
     left = {k: v for k, v in (m.left_out or {}).items() if v}
@@ -174,29 +174,12 @@ SELECT_VERB = Verb("select", "select a budgeted slice and export it as training 
                choices=("jsonl", "parquet", "hf")),
         Option("--target", str, "own-reasoning", "own-reasoning (paper recipe) or candidate", choices=("own-reasoning", "candidate")),
         Option("--include-unclosed", None, False, "also select rows whose reasoning hit the length cap (cut off)"),
+        Option("--generation-settings", str, None, "the pool scored under these generation settings (a digest or its prefix, "
+               "as curate status and score --json show it; default: the most recently scored)"),
         Option("--model-fingerprint", str, None, "which model's scores (default: most recent)"),
         Option("--probe-id", str, None, "which probe's scores (default: most recent)"),
 ] + MARKER_OPTIONS, run_select,
     outputs=(Output("--out", folder_when=("out_format", "hf")),), inputs=("--db",))
-
-
-def run_ingest(s: Settings) -> int:
-    from curation.pipeline.shards import ingest_shards
-    from curation.pipeline.store import Store
-
-    with Store(s["db"]) as store:
-        counts = ingest_shards(store, [d.strip() for d in s["shards"].split(",") if d.strip()])
-    out_console.print(
-        f"ingested {counts['files']} files ({counts['skipped_files']} already ingested): {counts['new_scores']} new score rows "
-        f"of {counts['score_rows']} read, {counts['quarantined']} quarantined rows")
-    return 0
-
-
-INGEST_VERB = Verb("ingest", "merge Parquet shards from curate score --shard into a store (idempotent)", [
-        Option("--db", str, None, "DuckDB file", required=True),
-        Option("--shards", str, None, "comma-separated shard folders (each --shard-dir)", required=True),
-], run_ingest,
-    outputs=(Output("--db", appends=True),), inputs=("--shards",))
 
 
 def run_run(s: Settings) -> int:
@@ -264,28 +247,3 @@ RUN_VERB = Verb("run", "the nightly job from one manifest: score new rows, selec
         Option("--reproduce-out", str, None, "where the re-selected slice goes (default: next to the manifest)"),
 ] + MODEL_OPTIONS + DATA_OPTIONS, run_run, validates_recipe=True,
     outputs=(Output("--db", appends=True), Output("--out", folder=True, appends=True), Output("--reproduce-out")), inputs=("--sources", "--model", "--probe", "--reproduce"))
-
-
-def run_status(s: Settings) -> int:
-    from curation.pipeline.store import Store
-
-    with Store(s["db"], read_only=True, on_wait=lambda m: console.print(m, soft_wrap=True, markup=False)) as store:
-        status = store.status()
-    if s["json"]:
-        out_console.print_json(json.dumps(status, default=str))
-        return 0
-    for name, rows in status.items():
-        table = Table(title=f"{name} ({len(rows)})")
-        columns = list(rows[0]) if rows else ["(none)"]
-        for col in columns:
-            table.add_column(col.replace("_", " "))
-        for r in rows:
-            table.add_row(*[_cell_text(r[c]) for c in columns])
-        out_console.print(table)
-    return 0
-
-
-STATUS_VERB = Verb("status", "counts per source, model/probe, quarantine reason and run in a store", [
-        Option("--db", str, None, "DuckDB file", required=True),
-        Option("--json", None, False, "print JSON instead of tables"),
-], run_status)

@@ -110,7 +110,7 @@ def run_nightly(lm: LoadedModel, probe: RefusalProbe, cfg: NightlySettings, fmt:
         t0 = time.monotonic()
         selection = export_selection(store, run_dir / "selection.jsonl", strategy=cfg.strategy, budget_text=cfg.budget,
                                      seed=cfg.seed, fmt=fmt, model_fingerprint=lm.fingerprint, probe_id=probe.probe_id,
-                                     as_of=as_of)
+                                     as_of=as_of, settings_sha256=summary.settings_sha256)
         durations["select"] = round(time.monotonic() - t0, 2)
     resolved = {
         "manifest": {"path": manifest_path, "sha256": path_sha256(manifest_path) if manifest_path else None},
@@ -141,7 +141,9 @@ def reproduce(resolved_path: str | Path, out: str | Path, fmt: ThinkingFormat) -
                                  target=sel["target"], fmt=fmt, model_fingerprint=sel["model_fingerprint"],
                                  probe_id=sel["probe_id"], as_of=as_of,
                                  # a night recorded before this field existed selected with unclosed rows in
-                                 include_unclosed=sel.get("include_unclosed", True))
+                                 include_unclosed=sel.get("include_unclosed", True),
+                                 # and before generation settings were recorded, from the pool now kept under ''
+                                 settings_sha256=sel.get("generation_settings") or "")
     ids_sha = hashlib.sha256("\n".join(again.ids).encode()).hexdigest()
     return {"identical": again.output_sha256 == sel["output_sha256"] and ids_sha == sel["ids_sha256"],
             "n_selected": again.n_selected, "original_output_sha256": sel["output_sha256"],

@@ -22,9 +22,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from curation.pipeline.score import ScoredItem, ScoreSettings, score_chunk_safely
+from curation.pipeline.chunk_scoring import ScoredItem, ScoreSettings, score_chunk_safely
+from curation.pipeline.score import PendingChunk
 from curation.pipeline.sources import CandidateRecord, QuarantinedRow
-from curation.pipeline.store import ScoreRow
+from curation.pipeline.store import GenerationRow, ScoreRow
 from probes.chat import ThinkingFormat
 from probes.cliff import CliffMetrics
 from probes.models import Sampling
@@ -49,11 +50,17 @@ def _row_to_dict(row: ScoreRow) -> dict[str, Any]:
 def _row_from_dict(d: dict[str, Any]) -> ScoredItem:
     if "quarantined" in d:  # a row whose scoring failed on the actor comes back with its reason
         return QuarantinedRow(**d["quarantined"])
+    if "generation" in d:  # a generation the actor made, for the driver to store
+        return GenerationRow(**d["generation"])
     return ScoreRow(**{**d, "metrics": CliffMetrics(**d["metrics"])})
 
 
 def _item_to_dict(item: ScoredItem) -> dict[str, Any]:
-    return {"quarantined": asdict(item)} if isinstance(item, QuarantinedRow) else _row_to_dict(item)
+    if isinstance(item, QuarantinedRow):
+        return {"quarantined": asdict(item)}
+    if isinstance(item, GenerationRow):
+        return {"generation": asdict(item)}
+    return _row_to_dict(item)
 
 
 class ScoringActor:
@@ -76,9 +83,10 @@ class ScoringActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         out_rows, out_n = [], []
-        for payload, run_id, n_raw in zip(batch["chunk"], batch["run_id"], batch["n_raw"], strict=True):
+        for payload, cached, run_id, n_raw in zip(batch["chunk"], batch["cached"], batch["run_id"], batch["n_raw"], strict=True):
             records = [_record_from_dict(r) for r in json.loads(payload)]
-            rows = score_chunk_safely(self.lm, self.probe, records, self.fmt, self.settings, str(run_id))
+            stored = {k: GenerationRow(**g) for k, g in json.loads(cached).items()}
+            rows = score_chunk_safely(self.lm, self.probe, records, self.fmt, self.settings, str(run_id), stored)
             out_rows.append(json.dumps([_item_to_dict(r) for r in rows]))
             out_n.append(int(n_raw))
         return {"rows": out_rows, "n_raw": out_n}
@@ -99,15 +107,16 @@ class RayEngine:
     trust_remote_code: bool = False
     sampling: Sampling = field(default_factory=lambda: Sampling())
 
-    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoredItem]]]:
+    def score(self, chunks: Iterable[PendingChunk], run_id: str) -> Iterator[tuple[int, list[ScoredItem]]]:
         import ray
 
         items = []
-        for pending, n_raw in chunks:
-            if pending:
-                items.append({"chunk": json.dumps([_record_to_dict(r) for r in pending]), "run_id": run_id, "n_raw": n_raw})
+        for chunk in chunks:
+            if chunk.records:
+                items.append({"chunk": json.dumps([_record_to_dict(r) for r in chunk.records]), "run_id": run_id,
+                              "n_raw": chunk.n_raw, "cached": json.dumps({k: asdict(g) for k, g in chunk.cached.items()})})
             else:
-                yield n_raw, []  # nothing to score: report it at once
+                yield chunk.n_raw, []  # nothing to score: report it at once
         if not items:
             return
         if not ray.is_initialized():

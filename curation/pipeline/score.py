@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from curation.pipeline.quarantine import failed_row, is_finite, non_finite_row, reused_id_row, set_aside
+from curation.pipeline.chunk_scoring import (
+    ScoredItem,
+    ScoreSettings,
+    generation_id,
+    generation_settings,
+    pool_digest,
+    score_chunk_safely,
+    settings_digest,
+)
+from curation.pipeline.quarantine import reused_id_row, set_aside
 from curation.pipeline.sources import CandidateRecord, QuarantinedRow
-from curation.pipeline.store import ScoreRow
-from probes.chat import ThinkingFormat, render_generation_prompt, split_completion
-from probes.cliff import cliff_metrics
-from probes.forward import probe_traces
-from probes.generate import generate, reasoning_span
+from curation.pipeline.store import GenerationRow, ScoreRow
+from probes.chat import ThinkingFormat, render_generation_prompt
 from probes.models import LoadedModel, context_limit, model_hidden_size
 from probes.refusal import RefusalProbe
-from training.judge import SubstringJudge
 
 
 class ScoreSink(Protocol):
@@ -32,23 +37,14 @@ class ScoreSink(Protocol):
                   probe_id: str | None = None) -> None: ...
     def finish_run(self, run_id: str, counts: dict[str, Any], status: str = "done") -> None: ...
     def add_examples(self, records: Sequence[CandidateRecord]) -> int: ...
-    def unscored_ids(self, ids: Sequence[str], model_fingerprint: str, probe_id: str, need_verdict: bool = False) -> list[str]: ...
+    def unscored_ids(self, ids: Sequence[str], model_fingerprint: str, probe_id: str, need_verdict: bool = False,
+                     settings_sha256: str = "") -> list[str]: ...
     def add_scores(self, rows: Sequence[ScoreRow], replace: bool = False) -> None: ...
     def add_quarantine(self, rows: Iterable[QuarantinedRow], run_id: str | None) -> int: ...
     def reused_ids(self, records: Sequence[CandidateRecord]) -> dict[str, str]: ...
+    def stored_generations(self, generation_ids: Sequence[str]) -> dict[str, GenerationRow]: ...
+    def add_generations(self, rows: Sequence[GenerationRow]) -> None: ...
     def release(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    max_new_tokens: int = 128
-    batch_size: int = 16
-    chunk_size: int = 64  # examples per committed transaction
-    smoothing_window: int = 3
-    # Generate through the answer and store the judge's verdict on it (the
-    # rule-based baseline needs it); costs the answer's tokens.
-    judge_answers: bool = False
-    answer_tokens: int = 96
 
 
 @dataclass
@@ -64,9 +60,21 @@ class ScoreSummary:
     # content, scoring failed), and how many of them the store had not recorded before.
     n_quarantined: int = 0
     n_quarantined_new: int = 0
+    n_generated: int = 0  # prompts the model generated for in this run
+    n_reused_generations: int = 0  # scored rows read from a generation stored earlier or shared with another row
+    settings_sha256: str = ""  # the generation settings this run scored under: its pool
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-ScoredItem = ScoreRow | QuarantinedRow  # a row that could not be scored comes back quarantined, with its reason
+@dataclass(frozen=True)
+class PendingChunk:
+    """Rows to score, how many input rows they stood for, and the stored generations they can reuse."""
+
+    records: list[CandidateRecord]
+    n_raw: int
+    cached: dict[str, GenerationRow] = field(default_factory=dict)
 
 
 class ScoringEngine(Protocol):
@@ -74,7 +82,7 @@ class ScoringEngine(Protocol):
     (pending records, how many input rows the chunk stood for); each item out
     is (that count, the chunk's score rows and quarantined rows), in any order."""
 
-    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoredItem]]]: ...
+    def score(self, chunks: Iterable[PendingChunk], run_id: str) -> Iterator[tuple[int, list[ScoredItem]]]: ...
 
 
 @dataclass
@@ -86,9 +94,10 @@ class LocalEngine:
     fmt: ThinkingFormat
     settings: ScoreSettings
 
-    def score(self, chunks: Iterable[tuple[list[CandidateRecord], int]], run_id: str) -> Iterator[tuple[int, list[ScoredItem]]]:
-        for pending, n_raw in chunks:
-            yield n_raw, (score_chunk_safely(self.lm, self.probe, pending, self.fmt, self.settings, run_id) if pending else [])
+    def score(self, chunks: Iterable[PendingChunk], run_id: str) -> Iterator[tuple[int, list[ScoredItem]]]:
+        for chunk in chunks:
+            yield chunk.n_raw, (score_chunk_safely(self.lm, self.probe, chunk.records, self.fmt, self.settings, run_id,
+                                                   chunk.cached) if chunk.records else [])
 
 
 def score_records(
@@ -118,17 +127,20 @@ def score_records(
     probe.check_model(lm.fingerprint, model_hidden_size(lm))
     engine = engine or LocalEngine(lm, probe, fmt, settings)
     run_id = run_id or uuid.uuid4().hex[:12]
-    store.start_run(run_id, "score", {"settings": settings.__dict__, "sampling": asdict(lm.sampling), "format": asdict(fmt),
-                                      "engine": type(engine).__name__, "inputs": list(inputs)}, lm.fingerprint, probe.probe_id)
+    gen_settings = generation_settings(lm, fmt, settings)
+    gen_sha, pool_sha = settings_digest(gen_settings), pool_digest(gen_settings)
+    store.start_run(run_id, "score", {"settings": settings.__dict__, "generation_settings": gen_settings,
+                                      "generation_settings_sha256": pool_sha, "engine": type(engine).__name__,
+                                      "inputs": list(inputs)}, lm.fingerprint, probe.probe_id)
     counts = {"candidates": 0, "new_examples": 0, "already_scored": 0, "scored": 0, "unclosed": 0, "over_context": 0,
-              "quarantined": 0, "quarantined_new": 0}
+              "quarantined": 0, "quarantined_new": 0, "generated": 0, "reused_generations": 0}
     status = "failed"
 
     def quarantine(rows: list[QuarantinedRow]) -> None:
         counts["quarantined_new"] += store.add_quarantine(rows, run_id)
         counts["quarantined"] += len(rows)
 
-    def pending_chunks() -> Iterator[tuple[list[CandidateRecord], int]]:
+    def pending_chunks() -> Iterator[PendingChunk]:
         for items in _chunks(records, settings.chunk_size):
             unreadable = [r for r in items if isinstance(r, QuarantinedRow)]
             if unreadable:
@@ -146,20 +158,26 @@ def score_records(
             long_ids = {r.id for r in raw_chunk if not r.repeat} - {r.id for r in fresh}
             counts["new_examples"] += store.add_examples([r for r in raw_chunk if r.id not in long_ids])
             unique = list({r.id: r for r in fresh}.values())
-            pending_ids = set(
-                store.unscored_ids([r.id for r in unique], lm.fingerprint, probe.probe_id, need_verdict=settings.judge_answers)
-            )
+            pending_ids = set(store.unscored_ids([r.id for r in unique], lm.fingerprint, probe.probe_id,
+                                                 need_verdict=settings.judge_answers, settings_sha256=pool_sha))
             pending = [r for r in unique if r.id in pending_ids]
             counts["already_scored"] += len(fresh) - len(pending)
+            cached = store.stored_generations([generation_id(r.prompt, lm.fingerprint, gen_sha) for r in pending])
             store.release()  # readers may use the store while this chunk is generated
-            yield pending, len(items)
+            yield PendingChunk(pending, len(items), cached)
 
     try:
         for n_raw, items in engine.score(pending_chunks(), run_id):
             rows = [r for r in items if isinstance(r, ScoreRow)]
             failed = [r for r in items if isinstance(r, QuarantinedRow)]
+            made = list({r.generation_id: r for r in items if isinstance(r, GenerationRow)}.values())
             if failed:
                 quarantine(failed)
+            if made:
+                store.add_generations(made)
+                counts["generated"] += len(made)
+            fresh_ids = {g.generation_id for g in made}
+            counts["reused_generations"] += len(rows) - len(fresh_ids & {r.generation_id for r in rows})
             if rows:
                 counts["unclosed"] += sum(1 for r in rows if not r.closed)
                 store.add_scores(rows, replace=settings.judge_answers)
@@ -172,7 +190,8 @@ def score_records(
         store.finish_run(run_id, dict(counts), status)
         store.release()
     return ScoreSummary(run_id, counts["candidates"], counts["new_examples"], counts["already_scored"], counts["scored"],
-                        counts["unclosed"], counts["over_context"], counts["quarantined"], counts["quarantined_new"])
+                        counts["unclosed"], counts["over_context"], counts["quarantined"], counts["quarantined_new"],
+                        counts["generated"], counts["reused_generations"], pool_sha)
 
 
 def _chunks(items: Iterable[CandidateRecord | QuarantinedRow], size: int) -> Iterator[list[CandidateRecord | QuarantinedRow]]:
@@ -202,66 +221,3 @@ def _within_context(
         else:
             keep.append(record)
     return keep, over
-
-
-def score_chunk_safely(
-    lm: LoadedModel,
-    probe: RefusalProbe,
-    chunk: Sequence[CandidateRecord],
-    fmt: ThinkingFormat,
-    settings: ScoreSettings,
-    run_id: str,
-) -> list[ScoredItem]:
-    """``score_chunk``, but a failure never loses the chunk: it is scored again one row at a
-    time, and each row that still fails comes back quarantined with the error as its reason.
-    A row whose trace is not finite comes back quarantined too, never as a score."""
-    try:
-        scored: list[ScoredItem] = list(score_chunk(lm, probe, chunk, fmt, settings, run_id))
-    except Exception as exc:  # noqa: BLE001 - find the row that broke it; the others are scored
-        if len(chunk) == 1:
-            return [failed_row(chunk[0], exc)]
-        scored = []
-        for record in chunk:
-            try:
-                scored.extend(score_chunk(lm, probe, [record], fmt, settings, run_id))
-            except Exception as exc:  # noqa: BLE001
-                scored.append(failed_row(record, exc))
-    by_id = {r.id: r for r in chunk}
-    return [non_finite_row(by_id[r.example_id]) if isinstance(r, ScoreRow) and not is_finite(r) else r for r in scored]
-
-
-def score_chunk(
-    lm: LoadedModel,
-    probe: RefusalProbe,
-    chunk: Sequence[CandidateRecord],
-    fmt: ThinkingFormat,
-    settings: ScoreSettings,
-    run_id: str,
-) -> list[ScoreRow]:
-    budget = settings.max_new_tokens + (settings.answer_tokens if settings.judge_answers else 0)
-    gens = generate(
-        lm, [r.prompt for r in chunk], fmt, max_new_tokens=budget, batch_size=settings.batch_size,
-        stop_at_close=not settings.judge_answers,
-    )
-    judge = SubstringJudge()
-    close_ids = lm.tokenizer.encode(fmt.before_close + fmt.close_marker, add_special_tokens=False)
-    scored_spans = [reasoning_span(g, close_ids, settings.max_new_tokens) for g in gens]
-    traces = probe_traces(lm, probe, [x.sequence for x in scored_spans], [x.span for x in scored_spans], batch_size=settings.batch_size)
-    rows = []
-    for record, g, scored, trace in zip(chunk, gens, scored_spans, traces, strict=True):
-        split = split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt)
-        closed = scored.closed
-        rows.append(
-            ScoreRow(
-                example_id=record.id,
-                model_fingerprint=lm.fingerprint,
-                probe_id=probe.probe_id,
-                metrics=cliff_metrics(trace, settings.smoothing_window),
-                closed=closed,
-                reasoning=split.reasoning if closed else lm.tokenizer.decode(g.generated_ids[: settings.max_new_tokens]),
-                trace=[float(x) for x in trace],
-                run_id=run_id,
-                answer_verdict=judge.judge(split.answer) if settings.judge_answers else None,
-            )
-        )
-    return rows

@@ -94,18 +94,24 @@ class SelectionManifest:
     # Manifests written before these fields existed selected with unclosed rows in.
     include_unclosed: bool = False
     left_out: dict[str, int] | None = None
+    # The digest of the generation settings the pool was scored under ('' : not recorded);
+    # None in manifests written before pools were told apart by settings.
+    generation_settings: str | None = None
 
 
-def choose_pair(store: Store, model_fingerprint: str | None, probe_id: str | None) -> tuple[str, str]:
-    """The (model, probe) whose scores to select from: as given, or the most
-    recently scored pair; ambiguity in what was given is an error."""
+def choose_pool(store: Store, model_fingerprint: str | None, probe_id: str | None,
+                settings_sha256: str | None = None) -> tuple[str, str, str]:
+    """The (model, probe, generation settings) whose scores to select from: as given, or the
+    most recently scored pool that matches what was given (a prefix of the settings digest will do)."""
     keys = store.score_keys()
     if not keys:
         raise BudgetError(f"{store.path} holds no scores; run curate score first")
-    matches = [k for k in keys if (model_fingerprint in (None, k[0])) and (probe_id in (None, k[1]))]
+    matches = [k for k in keys if (model_fingerprint in (None, k[0])) and (probe_id in (None, k[1]))
+               and (settings_sha256 is None or k[2].startswith(settings_sha256))]
     if not matches:
-        raise BudgetError(f"no scores for model {model_fingerprint} / probe {probe_id} in {store.path}")
-    return matches[0][0], matches[0][1]
+        raise BudgetError(f"no scores for model {model_fingerprint} / probe {probe_id}"
+                          + (f" / generation settings {settings_sha256}" if settings_sha256 is not None else "") + f" in {store.path}")
+    return matches[0][0], matches[0][1], matches[0][2]
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,7 @@ class Pool:
 
 
 def select_rows(store: Store, strategy: str, budget: Budget, seed: int, model_fingerprint: str, probe_id: str,
-                as_of: datetime | None = None, include_unclosed: bool = False) -> Pool:
+                as_of: datetime | None = None, include_unclosed: bool = False, settings_sha256: str | None = None) -> Pool:
     """The chosen rows and the pool they came from. Rows with a non-finite score are never in the
     pool; rows whose reasoning hit the length cap only with ``include_unclosed`` (their reasoning
     is cut off, and exporting it as the model's own would teach a truncated trace).
@@ -128,11 +134,12 @@ def select_rows(store: Store, strategy: str, budget: Budget, seed: int, model_fi
     """
     if strategy not in STRATEGIES:
         raise BudgetError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    n_pool, scores_hash, n_missing_verdicts, left_out = store.pool_summary(model_fingerprint, probe_id, as_of, include_unclosed)
+    n_pool, scores_hash, n_missing_verdicts, left_out = store.pool_summary(model_fingerprint, probe_id, as_of, include_unclosed,
+                                                                          settings_sha256)
     if n_pool == 0:
         why = f" ({left_out['unclosed']} unclosed rows left out: see --include-unclosed)" if left_out["unclosed"] else ""
         raise BudgetError(f"{store.path} holds no selectable scores for model {model_fingerprint} / probe {probe_id}{why}")
-    pick = {"as_of": as_of, "include_unclosed": include_unclosed}
+    pick = {"as_of": as_of, "include_unclosed": include_unclosed, "settings_sha256": settings_sha256}
     n = n_pool if strategy == "full" else budget.count(n_pool)
     if strategy in ("cliff", "low-final", "plateau"):
         rows = store.selection(model_fingerprint, probe_id, strategy, n, **pick)
@@ -169,6 +176,7 @@ def export_selection(
     as_of: datetime | None = None,
     out_format: str = "jsonl",
     include_unclosed: bool = False,
+    settings_sha256: str | None = None,
 ) -> SelectionManifest:
     """Write the selected training pairs (jsonl, parquet or a saved dataset, ``out_format``),
     its dataset card and ``<out>.manifest.json``.
@@ -180,8 +188,8 @@ def export_selection(
     """
     fmt = fmt or ThinkingFormat()
     budget = parse_budget(budget_text)
-    fp, pid = choose_pair(store, model_fingerprint, probe_id)
-    pool = select_rows(store, strategy, budget, seed, fp, pid, as_of, include_unclosed)
+    fp, pid, settings = choose_pool(store, model_fingerprint, probe_id, settings_sha256)
+    pool = select_rows(store, strategy, budget, seed, fp, pid, as_of, include_unclosed, settings)
     rows, n_pool, scores_hash = pool.rows, pool.n_pool, pool.scores_hash
     ids = [r[0] for r in rows]
     out = Path(out)
@@ -219,8 +227,10 @@ def export_selection(
         card=str(card_path(out, out_format)),
         include_unclosed=include_unclosed,
         left_out=pool.left_out,
+        generation_settings=settings,
     )
-    write_card(out, out_format, asdict(manifest), records, store.misalignment_quantiles(fp, pid, as_of), store.score_inputs(fp, pid))
+    write_card(out, out_format, asdict(manifest), records, store.misalignment_quantiles(fp, pid, as_of, settings),
+               store.score_inputs(fp, pid))
     manifest_path = manifest_path_for(out)
     write_json_atomic(manifest_path, asdict(manifest))
     return manifest

@@ -25,7 +25,7 @@ from typing import Any
 import polars as pl
 
 from curation.pipeline.sources import CandidateRecord, QuarantinedRow
-from curation.pipeline.store import ScoreRow, Store
+from curation.pipeline.store import GenerationRow, ScoreRow, Store
 from probes.files import write_json_atomic
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
@@ -64,10 +64,12 @@ class ParquetShardSink:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shard = shard
         self._pending: dict[str, CandidateRecord] = {}
-        self._scored: set[tuple[str, str, str]] = set()
+        self._scored: set[tuple[str, str, str, str]] = set()
         for part in sorted(self.dir.glob("part-*.parquet")):
-            keys = pl.read_parquet(part, columns=["example_id", "model_fingerprint", "probe_id"])
-            self._scored.update(keys.iter_rows())
+            frame = pl.read_parquet(part)
+            if "settings_sha256" not in frame.columns:  # a part written before settings were recorded
+                frame = frame.with_columns(pl.lit("").alias("settings_sha256"))
+            self._scored.update(frame.select("example_id", "model_fingerprint", "probe_id", "settings_sha256").iter_rows())
         self._next = len(list(self.dir.glob("part-*.parquet")))
 
     def close(self) -> None:
@@ -96,8 +98,17 @@ class ParquetShardSink:
         self._pending = {r.id: r for r in records}
         return len(records)
 
-    def unscored_ids(self, ids: Sequence[str], model_fingerprint: str, probe_id: str, need_verdict: bool = False) -> list[str]:
-        return [i for i in ids if (i, model_fingerprint, probe_id) not in self._scored]
+    def unscored_ids(self, ids: Sequence[str], model_fingerprint: str, probe_id: str, need_verdict: bool = False,
+                     settings_sha256: str = "") -> list[str]:
+        return [i for i in ids if (i, model_fingerprint, probe_id, settings_sha256) not in self._scored]
+
+    # A shard does not keep generations: a shard job generates what it scores (re-probing from
+    # stored generations happens in a store).
+    def stored_generations(self, generation_ids: Sequence[str]) -> dict[str, GenerationRow]:
+        return {}
+
+    def add_generations(self, rows: Sequence[GenerationRow]) -> None:
+        return None
 
     def add_quarantine(self, rows: Iterable[QuarantinedRow], run_id: str | None) -> int:
         data = [{"source": q.source, "line": q.line, "reason": q.reason, "raw": q.raw.encode("utf-8", "replace").decode("utf-8"),
@@ -120,9 +131,10 @@ class ParquetShardSink:
                 "cliff_position": m.cliff_position, "cliff_relative": m.cliff_relative, "steepness": m.steepness,
                 "n_tokens": m.n_tokens, "closed": r.closed, "reasoning": r.reasoning, "trace": r.trace,
                 "scored_at": now, "run_id": r.run_id, "answer_verdict": r.answer_verdict,
+                "generation_id": r.generation_id, "settings_sha256": r.settings_sha256,
             })
         self._atomic_parquet(pl.DataFrame(data, schema_overrides={"trace": pl.List(pl.Float32)}), f"part-{self._next_name()}")
-        self._scored.update((r.example_id, r.model_fingerprint, r.probe_id) for r in rows)
+        self._scored.update((r.example_id, r.model_fingerprint, r.probe_id, r.settings_sha256) for r in rows)
 
     def _next_name(self) -> str:
         name = f"{self._next:06d}-{os.getpid()}"

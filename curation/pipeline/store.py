@@ -3,9 +3,13 @@
 Over 300 lines because it is the one module that holds SQL: a review of what
 reaches the database (parameters only, never formatted values) reads one file.
 
-Score rows are keyed by (example_id, model_fingerprint, probe_id) and written
-with ``INSERT OR IGNORE`` inside one transaction per batch, so rescoring is a
-no-op and a killed job leaves only whole batches behind.
+Score rows are keyed by (example_id, model_fingerprint, probe_id,
+settings_sha256): the example, the probe, and the generation its trace was read
+from (the model and the digest of the generation settings; the prompt comes with
+the example). They are written with ``INSERT OR IGNORE`` inside one transaction
+per batch, so rescoring is a no-op and a killed job leaves only whole batches
+behind. A selection reads one pool: one model, one probe, one set of generation
+settings.
 """
 
 from __future__ import annotations
@@ -51,9 +55,15 @@ SCHEMA = (
         trace FLOAT[] NOT NULL,
         scored_at TIMESTAMP NOT NULL,
         run_id VARCHAR NOT NULL,
-        PRIMARY KEY (example_id, model_fingerprint, probe_id))""",
-    # The keyword judge's verdict on the model's own answer, when scoring
-    # generated through the answer (--judge-answers); the rule baseline reads it.
+        -- The keyword judge's verdict on the model's own answer, when scoring
+        -- generated through the answer (--judge-answers); the rule baseline reads it.
+        answer_verdict VARCHAR,
+        -- The generation the trace was read from, and the digest of its settings ('' on rows
+        -- scored before settings were recorded: a pool of their own).
+        generation_id VARCHAR,
+        settings_sha256 VARCHAR NOT NULL DEFAULT '',
+        PRIMARY KEY (example_id, model_fingerprint, probe_id, settings_sha256))""",
+    # Stores from before these columns existed gain them here (and the key in _upgrade_score_key).
     "ALTER TABLE scores ADD COLUMN IF NOT EXISTS answer_verdict VARCHAR",
     """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY,
@@ -88,6 +98,22 @@ SCHEMA = (
         source VARCHAR,
         category VARCHAR,
         added_at TIMESTAMP NOT NULL)""",
+    # The model's own generations, so that a new probe scores from them with a teacher-forced pass
+    # only. Keyed by (prompt, model, generation settings): changed settings never reuse a generation.
+    """CREATE TABLE IF NOT EXISTS generations (
+        generation_id VARCHAR PRIMARY KEY,
+        prompt_sha256 VARCHAR NOT NULL,
+        model_fingerprint VARCHAR NOT NULL,
+        settings_sha256 VARCHAR NOT NULL,
+        settings JSON NOT NULL,
+        prompt_ids INTEGER[] NOT NULL,
+        generated_ids INTEGER[] NOT NULL,
+        text VARCHAR NOT NULL,
+        close_index INTEGER,
+        created_at TIMESTAMP NOT NULL,
+        run_id VARCHAR)""",
+    # The generation a score was read from (NULL on rows scored before generations were stored).
+    "ALTER TABLE scores ADD COLUMN IF NOT EXISTS generation_id VARCHAR",
     # A store written before these columns and tables existed is upgraded in place, once: old
     # quarantine rows get their digest, old examples their first alias (so ids they declared are known).
     "UPDATE quarantine SET raw_sha256 = sha256(coalesce(raw, '')) WHERE raw_sha256 IS NULL",
@@ -120,6 +146,25 @@ class ScoreRow:
     trace: list[float]
     run_id: str
     answer_verdict: str | None = None
+    generation_id: str | None = None
+    settings_sha256: str = ""  # digest of the generation settings ('' : not recorded)
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    """One stored generation: the model's continuation of one rendered prompt under one set of
+    generation settings (``settings`` as JSON, ``settings_sha256`` its digest)."""
+
+    generation_id: str
+    prompt_sha256: str
+    model_fingerprint: str
+    settings_sha256: str
+    settings: str
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    text: str
+    close_index: int | None
+    run_id: str | None = None
 
 
 def _now() -> datetime:
@@ -153,6 +198,7 @@ class Store:
             if not read_only:
                 for statement in SCHEMA:
                     con.execute(statement)
+                _upgrade_score_key(con)
         except BaseException:
             self.close()
             raise
@@ -168,7 +214,9 @@ class Store:
         told = False
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=self.read_only)
+                con = duckdb.connect(str(self.path), read_only=self.read_only)
+                con.execute("SET enable_progress_bar = false")  # DuckDB's own bar would write into curate's stdout
+                return con
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower():
                     raise StoreError(f"store {self.path} is not a readable DuckDB database "
@@ -296,7 +344,7 @@ class Store:
         return [dict(zip(("example_id", "source_id", "source", "category"), r, strict=True)) for r in rows]
 
     def count(self, table: str) -> int:
-        if table not in {"examples", "scores", "runs", "quarantine", "ingested", "example_aliases"}:
+        if table not in {"examples", "scores", "runs", "quarantine", "ingested", "example_aliases", "generations"}:
             raise ValueError(f"unknown table {table!r}")
         # Table name from the fixed set above; fetchall completes the result (DuckDB 2 refuses
         # some later calls, such as register, while a result is still open).
@@ -305,18 +353,18 @@ class Store:
 
     # scores ---------------------------------------------------------------
     def unscored_ids(
-        self, ids: Sequence[str], model_fingerprint: str, probe_id: str, need_verdict: bool = False
+        self, ids: Sequence[str], model_fingerprint: str, probe_id: str, need_verdict: bool = False, settings_sha256: str = ""
     ) -> list[str]:
-        """Of ``ids``, those with no score row for this model and probe (order
-        kept); with ``need_verdict``, also those scored without an answer verdict."""
+        """Of ``ids``, those with no score row for this model, probe and generation settings
+        (order kept); with ``need_verdict``, also those scored without an answer verdict."""
         if not ids:
             return []
         scored = {
             r[0]
             for r in self.con.execute(
-                "SELECT example_id FROM scores WHERE model_fingerprint = ? AND probe_id = ? AND example_id IN (SELECT unnest(?)) "
-                "AND (NOT ? OR answer_verdict IS NOT NULL)",
-                [model_fingerprint, probe_id, list(ids), need_verdict],
+                "SELECT example_id FROM scores WHERE model_fingerprint = ? AND probe_id = ? AND settings_sha256 = ? "
+                "AND example_id IN (SELECT unnest(?)) AND (NOT ? OR answer_verdict IS NOT NULL)",
+                [model_fingerprint, probe_id, settings_sha256, list(ids), need_verdict],
             ).fetchall()
         }
         return [i for i in ids if i not in scored]
@@ -327,21 +375,46 @@ class Store:
         now = _now()
         data = [
             [r.example_id, r.model_fingerprint, r.probe_id, m.plateau, m.final, m.misalignment, m.cliff_position,
-             m.cliff_relative, m.steepness, m.n_tokens, r.closed, r.reasoning, r.trace, now, r.run_id, r.answer_verdict]
+             m.cliff_relative, m.steepness, m.n_tokens, r.closed, r.reasoning, r.trace, now, r.run_id, r.answer_verdict,
+             r.generation_id, r.settings_sha256]
             for r, m in ((row, row.metrics) for row in rows)
         ]
         self.con.execute("BEGIN TRANSACTION")
         try:
             self._insert_rows(
                 "INSERT OR REPLACE" if replace else "INSERT OR IGNORE", "scores",
-                ("example_id", "model_fingerprint", "probe_id", "plateau", "final", "misalignment", "cliff_position",
-                 "cliff_relative", "steepness", "n_tokens", "closed", "reasoning", "trace", "scored_at", "run_id", "answer_verdict"),
-                data, casts={"trace": "FLOAT[]", "answer_verdict": "VARCHAR"},
+                (*_SCORE_COLUMNS, "settings_sha256"),
+                data, casts={"trace": "FLOAT[]", "answer_verdict": "VARCHAR", "generation_id": "VARCHAR"},
             )
             self.con.execute("COMMIT")
         except Exception:
             self.con.execute("ROLLBACK")
             raise
+
+    # generations -----------------------------------------------------------
+    def stored_generations(self, generation_ids: Sequence[str]) -> dict[str, GenerationRow]:
+        """The stored generations among ``generation_ids``."""
+        if not generation_ids:
+            return {}
+        rows = self.con.execute(
+            "SELECT generation_id, prompt_sha256, model_fingerprint, settings_sha256, settings, prompt_ids, generated_ids, text, "
+            "close_index, run_id FROM generations WHERE generation_id IN (SELECT unnest(?))", [sorted(set(generation_ids))],
+        ).fetchall()
+        return {r[0]: GenerationRow(r[0], r[1], r[2], r[3], r[4], list(r[5]), list(r[6]), r[7], r[8], r[9]) for r in rows}
+
+    def add_generations(self, rows: Sequence[GenerationRow]) -> None:
+        """Store generations (one statement; an id already stored, or given twice, is kept once)."""
+        rows = list({g.generation_id: g for g in rows}.values())
+        now = _now()
+        self._insert_rows(
+            "INSERT OR IGNORE", "generations",
+            ("generation_id", "prompt_sha256", "model_fingerprint", "settings_sha256", "settings", "prompt_ids", "generated_ids",
+             "text", "close_index", "created_at", "run_id"),
+            [[g.generation_id, g.prompt_sha256, g.model_fingerprint, g.settings_sha256, g.settings, g.prompt_ids,
+              g.generated_ids, _safe_text(g.text), g.close_index, now, g.run_id] for g in rows],
+            casts={"settings": "JSON", "prompt_ids": "INTEGER[]", "generated_ids": "INTEGER[]", "close_index": "INTEGER",
+                   "run_id": "VARCHAR"},
+        )
 
     def _insert_rows(self, verb: str, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
                      casts: dict[str, str] | None = None) -> None:
@@ -355,13 +428,13 @@ class Store:
         self.con.execute(f"{verb} INTO {table} ({', '.join(columns)}) SELECT {select}",
                          [list(column) for column in zip(*rows, strict=True)])
 
-    def score_keys(self) -> list[tuple[str, str, int, datetime]]:
-        """(model_fingerprint, probe_id, n_rows, last scored) per scored pair, newest first."""
+    def score_keys(self) -> list[tuple[str, str, str, int, datetime]]:
+        """(model_fingerprint, probe_id, settings_sha256, n_rows, last scored) per pool, newest first."""
         return [
-            (r[0], r[1], int(r[2]), r[3])
+            (r[0], r[1], r[2], int(r[3]), r[4])
             for r in self.con.execute(
-                "SELECT model_fingerprint, probe_id, count(*), max(scored_at) FROM scores "
-                "GROUP BY model_fingerprint, probe_id ORDER BY max(scored_at) DESC"
+                "SELECT model_fingerprint, probe_id, settings_sha256, count(*), max(scored_at) FROM scores "
+                "GROUP BY model_fingerprint, probe_id, settings_sha256 ORDER BY max(scored_at) DESC"
             ).fetchall()
         ]
 
@@ -376,7 +449,7 @@ class Store:
     }
 
     def pool_summary(self, model_fingerprint: str, probe_id: str, as_of: datetime | None = None,
-                     include_unclosed: bool = False) -> tuple[int, str, int, dict[str, int]]:
+                     include_unclosed: bool = False, settings_sha256: str | None = None) -> tuple[int, str, int, dict[str, int]]:
         """(rows in the pool, an order-free hash of their key and score columns, pool rows without an
         answer verdict, rows left out and why); with ``as_of``, only rows scored by then (the pool a
         past selection saw). Non-finite scores are always left out, unclosed reasoning unless asked for."""
@@ -386,8 +459,9 @@ class Store:
             "count(*) FILTER (WHERE keep AND answer_verdict IS NULL), "
             "count(*) FILTER (WHERE NOT isfinite(misalignment)), count(*) FILTER (WHERE isfinite(misalignment) AND NOT closed AND NOT ?) "
             "FROM (SELECT *, isfinite(misalignment) AND (? OR closed) AS keep FROM scores WHERE model_fingerprint = ? AND probe_id = ? "
+            "AND (CAST(? AS VARCHAR) IS NULL OR settings_sha256 = ?) "
             "AND (CAST(? AS TIMESTAMP) IS NULL OR scored_at <= CAST(? AS TIMESTAMP)))",
-            [include_unclosed, include_unclosed, model_fingerprint, probe_id, as_of, as_of],
+            [include_unclosed, include_unclosed, model_fingerprint, probe_id, settings_sha256, settings_sha256, as_of, as_of],
         ).fetchone()
         if not row:
             return 0, f"{0:016x}", 0, {"non_finite": 0, "unclosed": 0}
@@ -401,6 +475,7 @@ class Store:
     # checkpoint would sort above every number), and closed reasoning unless asked for.
     _POOL_FILTER = (
         "model_fingerprint = $fp AND probe_id = $probe AND isfinite(misalignment) AND ($unclosed OR closed)"
+        " AND (CAST($settings AS VARCHAR) IS NULL OR settings_sha256 = $settings)"
         " AND (NOT $exclude OR answer_verdict IS DISTINCT FROM 'refusal')"
         " AND (CAST($as_of AS TIMESTAMP) IS NULL OR scored_at <= CAST($as_of AS TIMESTAMP))"
     )
@@ -419,7 +494,7 @@ class Store:
         column, descending = self._RANK_KEYS[order]
         lo, hi, n = self.con.execute(
             f"SELECT min({column}) FILTER (WHERE isfinite({column})), max({column}) FILTER (WHERE isfinite({column})), "
-            f"count(*) FROM scores WHERE {self._POOL_FILTER}", {k: params[k] for k in ("fp", "probe", "exclude", "as_of", "unclosed")},
+            f"count(*) FROM scores WHERE {self._POOL_FILTER}", {k: params[k] for k in ("fp", "probe", "exclude", "as_of", "unclosed", "settings")},
         ).fetchone()
         if lo is None or n <= 4 * limit:
             return ""
@@ -431,7 +506,7 @@ class Store:
         params.update(cut_lo=key_lo, cut_span=(float(hi) - float(lo)) or 1.0)
         counts = self.con.execute(
             f"SELECT {bin_expr} AS bin, count(*) FROM scores WHERE {self._POOL_FILTER} GROUP BY bin ORDER BY bin DESC",
-            {k: params[k] for k in ("fp", "probe", "exclude", "as_of", "unclosed", "cut_lo", "cut_span")},
+            {k: params[k] for k in ("fp", "probe", "exclude", "as_of", "unclosed", "settings", "cut_lo", "cut_span")},
         ).fetchall()
         seen = 0
         for bin_index, count in counts:
@@ -453,6 +528,7 @@ class Store:
         output_order: str | None = None,
         as_of: datetime | None = None,
         include_unclosed: bool = False,
+        settings_sha256: str | None = None,
     ) -> list[tuple]:
         """The first ``limit`` scored examples by ``order``, joined to their content,
         as (example_id, prompt, response, category, source, misalignment, reasoning),
@@ -463,7 +539,7 @@ class Store:
         inner = self._ORDERS[order]
         outer = self._ORDERS[output_order or order]
         params: dict[str, object] = {"fp": model_fingerprint, "probe": probe_id, "exclude": exclude_refusals, "limit": limit,
-                                     "as_of": as_of, "unclosed": include_unclosed}
+                                     "as_of": as_of, "unclosed": include_unclosed, "settings": settings_sha256}
         cut = self._rank_cut(order, limit, params) if order in self._RANK_KEYS else ""
         query = (
             "SELECT s.example_id, e.prompt, e.response, e.category, e.source, s.misalignment, s.reasoning FROM ("
@@ -502,10 +578,14 @@ class Store:
             """INSERT OR IGNORE INTO examples (id, prompt, response, category, source, extra, added_at)
                SELECT DISTINCT ON (example_id) example_id, prompt, response, category, source, CAST(extra AS JSON), scored_at
                FROM shard""",
-            """INSERT OR IGNORE INTO scores (example_id, model_fingerprint, probe_id, plateau, final, misalignment,
-                   cliff_position, cliff_relative, steepness, n_tokens, closed, reasoning, trace, scored_at, run_id, answer_verdict)
+            # Shards written before generation settings were recorded have neither column.
+            f"""INSERT OR IGNORE INTO scores (example_id, model_fingerprint, probe_id, plateau, final, misalignment,
+                   cliff_position, cliff_relative, steepness, n_tokens, closed, reasoning, trace, scored_at, run_id, answer_verdict,
+                   generation_id, settings_sha256)
                SELECT example_id, model_fingerprint, probe_id, plateau, final, misalignment, cliff_position, cliff_relative,
-                   steepness, n_tokens, closed, reasoning, CAST(trace AS FLOAT[]), scored_at, run_id, answer_verdict
+                   steepness, n_tokens, closed, reasoning, CAST(trace AS FLOAT[]), scored_at, run_id, answer_verdict,
+                   {"generation_id" if "generation_id" in frame.columns else "NULL"},
+                   {"settings_sha256" if "settings_sha256" in frame.columns else "''"}
                FROM shard""",
             """INSERT INTO example_aliases (example_id, source_id, source, category, added_at)
                SELECT DISTINCT example_id, json_extract_string(CAST(extra AS JSON), '$.source_id'), source, category, scored_at
@@ -535,16 +615,17 @@ class Store:
             "sources": rows("SELECT coalesce(source, '(none)') AS s, count(*) FROM examples GROUP BY s ORDER BY s",
                             ("source", "examples")),
             "scores": rows(
-                """SELECT model_fingerprint, probe_id, count(*), count(DISTINCT run_id), max(scored_at)
-                   FROM scores GROUP BY model_fingerprint, probe_id ORDER BY max(scored_at) DESC""",
-                ("model_fingerprint", "probe_id", "scores", "runs", "last_scored_at")),
+                """SELECT model_fingerprint, probe_id, left(settings_sha256, 12), count(*), count(DISTINCT run_id), max(scored_at)
+                   FROM scores GROUP BY model_fingerprint, probe_id, settings_sha256 ORDER BY max(scored_at) DESC""",
+                ("model_fingerprint", "probe_id", "generation_settings", "scores", "runs", "last_scored_at")),
             "unscored": rows(
-                """SELECT m.model_fingerprint, m.probe_id, count(e.id)
-                   FROM (SELECT DISTINCT model_fingerprint, probe_id FROM scores) m CROSS JOIN examples e
+                """SELECT m.model_fingerprint, m.probe_id, left(m.settings_sha256, 12), count(e.id)
+                   FROM (SELECT DISTINCT model_fingerprint, probe_id, settings_sha256 FROM scores) m CROSS JOIN examples e
                    WHERE NOT EXISTS (SELECT 1 FROM scores s WHERE s.example_id = e.id
-                                     AND s.model_fingerprint = m.model_fingerprint AND s.probe_id = m.probe_id)
-                   GROUP BY m.model_fingerprint, m.probe_id""",
-                ("model_fingerprint", "probe_id", "unscored_examples")),
+                                     AND s.model_fingerprint = m.model_fingerprint AND s.probe_id = m.probe_id
+                                     AND s.settings_sha256 = m.settings_sha256)
+                   GROUP BY m.model_fingerprint, m.probe_id, m.settings_sha256""",
+                ("model_fingerprint", "probe_id", "generation_settings", "unscored_examples")),
             "quarantine": rows(
                 # The reason's leading words ("malformed JSON", "not UTF-8", "duplicate id") group it.
                 """SELECT source, trim(regexp_extract(reason, '^[^:(]+')) AS why, count(*) FROM quarantine
@@ -557,12 +638,14 @@ class Store:
                 ("run", "kind", "status", "started_at", "seconds", "counts")),
         }
 
-    def misalignment_quantiles(self, model_fingerprint: str, probe_id: str, as_of: datetime | None = None) -> list[float | None]:
+    def misalignment_quantiles(self, model_fingerprint: str, probe_id: str, as_of: datetime | None = None,
+                               settings_sha256: str | None = None) -> list[float | None]:
         """Approximate min, quartiles and max of MS over the pool (a t-digest: cheap on millions of rows)."""
         row = self.con.execute(
             "SELECT approx_quantile(misalignment, [0, 0.25, 0.5, 0.75, 1]) FROM scores WHERE model_fingerprint = ? "
-            "AND probe_id = ? AND isfinite(misalignment) AND (CAST(? AS TIMESTAMP) IS NULL OR scored_at <= CAST(? AS TIMESTAMP))",
-            [model_fingerprint, probe_id, as_of, as_of],
+            "AND probe_id = ? AND (CAST(? AS VARCHAR) IS NULL OR settings_sha256 = ?) AND isfinite(misalignment) "
+            "AND (CAST(? AS TIMESTAMP) IS NULL OR scored_at <= CAST(? AS TIMESTAMP))",
+            [model_fingerprint, probe_id, settings_sha256, settings_sha256, as_of, as_of],
         ).fetchone()
         return list(row[0]) if row and row[0] is not None else [None] * 5
 
@@ -581,35 +664,70 @@ class Store:
         """example id -> category, for ``ids``."""
         return dict(self.con.execute("SELECT id, category FROM examples WHERE id IN (SELECT unnest(?))", [list(ids)]).fetchall())
 
-    def category_share(self, model_fingerprint: str, probe_id: str, categories: Sequence[str]) -> float | None:
+    def category_share(self, model_fingerprint: str, probe_id: str, categories: Sequence[str],
+                       settings_sha256: str | None = None) -> float | None:
         """Share of the scored pool whose category is one of ``categories``."""
         row = self.con.execute(
             "SELECT avg(CASE WHEN e.category IN (SELECT unnest(?)) THEN 1.0 ELSE 0.0 END) FROM scores s "
-            "JOIN examples e ON e.id = s.example_id WHERE s.model_fingerprint = ? AND s.probe_id = ?",
-            [sorted(categories), model_fingerprint, probe_id],
+            "JOIN examples e ON e.id = s.example_id WHERE s.model_fingerprint = ? AND s.probe_id = ? "
+            "AND (CAST(? AS VARCHAR) IS NULL OR s.settings_sha256 = ?)",
+            [sorted(categories), model_fingerprint, probe_id, settings_sha256, settings_sha256],
         ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
-    def fill_synthetic(self, rows: int) -> None:
-        """``rows`` made-up examples and scores (random MS), for the selection benchmark."""
+    def fill_synthetic(self, rows: int, trace_tokens: int = 1, reasoning_chars: int = 9) -> None:
+        """``rows`` made-up examples and scores (random MS), for the selection and store benchmarks:
+        each with a ``trace_tokens``-long random trace and ``reasoning_chars`` of reasoning text
+        (varied words, so it compresses about as well as prose, not as well as one repeated string)."""
         self.con.execute(
             "INSERT INTO examples SELECT 'ex' || i, 'prompt ' || i, 'reasoning</think>I cannot help.', NULL, 'bench', '{}', now() "
             "FROM range(?) t(i)", [rows])
         self.con.execute(
-            "INSERT INTO scores SELECT 'ex' || i, 'fp', 'probe', p, f, p - f, 0, 0.5, 0.1, 5, true, "
-            "'reasoning', [0.5]::FLOAT[], now(), 'bench', NULL FROM (SELECT i, random() AS p, random() AS f FROM range(?) t(i))",
-            [rows])
+            "INSERT INTO scores SELECT 'ex' || i, 'fp', 'probe', p, f, p - f, 0, 0.5, 0.1, ?, true, "
+            "left(array_to_string(list_transform(range(? // 6 + 1), lambda w: ['the', 'user', 'asks', 'about', 'a', 'risky', "
+            "'topic', 'so', 'I', 'should', 'refuse', 'carefully'][((i * 7 + w * 13) % 12) + 1]), ' '), ?), "
+            "list_transform(range(?), lambda k: (p - (p - f) * (k > ? * 0.9)::INT + random() * 0.02)::FLOAT), now(), 'bench', NULL, "
+            "NULL, '' "
+            "FROM (SELECT i, random() AS p, random() AS f FROM range(?) t(i))",
+            [trace_tokens, reasoning_chars, reasoning_chars, trace_tokens, trace_tokens, rows])
 
-    def traces(self, model_fingerprint: str, probe_id: str) -> list[tuple[str, str | None, float, list[float]]]:
+    def traces(self, model_fingerprint: str, probe_id: str,
+               settings_sha256: str | None = None) -> list[tuple[str, str | None, float, list[float]]]:
         """(example_id, category, misalignment, trace) for plotting."""
         return [
             (r[0], r[1], float(r[2]), list(r[3]))
             for r in self.con.execute(
                 "SELECT s.example_id, e.category, s.misalignment, s.trace FROM scores s JOIN examples e ON e.id = s.example_id "
-                "WHERE s.model_fingerprint = ? AND s.probe_id = ? ORDER BY s.misalignment DESC, s.example_id",
-                [model_fingerprint, probe_id],
+                "WHERE s.model_fingerprint = ? AND s.probe_id = ? AND (CAST(? AS VARCHAR) IS NULL OR s.settings_sha256 = ?) "
+                "ORDER BY s.misalignment DESC, s.example_id",
+                [model_fingerprint, probe_id, settings_sha256, settings_sha256],
             ).fetchall()
         ]
+
+
+_SCORE_COLUMNS = ("example_id", "model_fingerprint", "probe_id", "plateau", "final", "misalignment", "cliff_position",
+                  "cliff_relative", "steepness", "n_tokens", "closed", "reasoning", "trace", "scored_at", "run_id",
+                  "answer_verdict", "generation_id")
+
+
+def _upgrade_score_key(con: duckdb.DuckDBPyConnection) -> None:
+    """A store written before scores were keyed by generation settings: its score table is rebuilt
+    once with the new key, every old row in the '' (unrecorded settings) pool, in one transaction."""
+    columns = {r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'scores'").fetchall()}
+    if "settings_sha256" in columns:
+        return
+    names = ", ".join(_SCORE_COLUMNS)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("ALTER TABLE scores RENAME TO scores_before_settings")
+        con.execute(next(s for s in SCHEMA if s.startswith("CREATE TABLE IF NOT EXISTS scores")))  # as created today
+        con.execute(f"INSERT INTO scores ({names}, settings_sha256) SELECT {names}, '' FROM scores_before_settings")
+        con.execute("DROP TABLE scores_before_settings")
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
 
 
 def _safe_text(text: str) -> str:
