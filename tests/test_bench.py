@@ -34,3 +34,26 @@ def test_compare_flags_disagreement() -> None:
 def test_select_bench_counts() -> None:
     result = run_select_bench(20_000, "1.7%")
     assert result["n_selected"] == 340 and result["select_seconds"] > 0
+
+
+def test_store_bench_fills_the_traces_it_claims(tmp_path: Path) -> None:
+    from curation.experiments.bench import run_store_bench
+
+    result = run_store_bench(3_000, trace_tokens=50, directory=str(tmp_path))
+    assert result["n_selected"] == 51 and result["bytes_per_row"] > 50 * 0.5  # the traces are really stored
+    from curation.pipeline.store import Store
+
+    with Store(tmp_path / "peek.duckdb") as store:
+        store.fill_synthetic(10, trace_tokens=50, reasoning_chars=200)
+        lengths = store.con.execute("SELECT min(len(trace)), max(len(trace)), min(length(reasoning)) FROM scores").fetchone()
+    assert lengths == (50, 50, 200)
+
+
+def test_reprobe_bench_reads_stored_generations(organism_dir: Path, probe: RefusalProbe, tmp_path: Path) -> None:
+    from curation.experiments.reprobe_bench import bench_model
+
+    probe.save(tmp_path / "probe")
+    prompts = [f"Tell me about topic number {i}." for i in range(4)]
+    result = bench_model(organism_dir, prompts, tmp_path / "probe", max_new_tokens=16, batch_size=2)
+    assert result["full_scoring_generations"] == 4 and result["reprobe_generations"] == 0
+    assert all(v > 0 for v in result["seconds"].values()) and result["ratios"]["reprobe_speedup"] > 0

@@ -158,8 +158,7 @@ def run_bench(s: Settings) -> int:
             both = run_reprobe_bench(model_dir, s["probe"], s["prompts"] or model_dir / "train_prompts.jsonl", n=s["n"],
                                      max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"])
         table = Table(title=f"stored generations: {s['n']} prompts, {s['max_new_tokens']} new tokens, batch {s['batch_size']}")
-        for col in ("model", "params", "plain generate s", "full scoring s", "re-probe s", "re-probe speed-up",
-                    "full scoring / generate", "probe pass / bare forward"):
+        for col in ("model", "params", "generate s", "score s", "re-probe s", "re-probe", "score/gen", "probe/bare"):
             table.add_column(col, justify="right")
         for name, r in both.items():
             sec, ratio = r["seconds"], r["ratios"]

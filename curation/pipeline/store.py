@@ -684,7 +684,7 @@ class Store:
             "FROM range(?) t(i)", [rows])
         self.con.execute(
             "INSERT INTO scores SELECT 'ex' || i, 'fp', 'probe', p, f, p - f, 0, 0.5, 0.1, ?, true, "
-            "left(array_to_string(list_transform(range(? // 6 + 1), lambda w: ['the', 'user', 'asks', 'about', 'a', 'risky', "
+            "left(array_to_string(list_transform(range(? // 2 + 1), lambda w: ['the', 'user', 'asks', 'about', 'a', 'risky', "
             "'topic', 'so', 'I', 'should', 'refuse', 'carefully'][((i * 7 + w * 13) % 12) + 1]), ' '), ?), "
             "list_transform(range(?), lambda k: (p - (p - f) * (k > ? * 0.9)::INT + random() * 0.02)::FLOAT), now(), 'bench', NULL, "
             "NULL, '' "
