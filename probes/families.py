@@ -18,6 +18,7 @@ the checkpoint's ``config.json``), build a tiny random-weight model of it in
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -181,14 +182,16 @@ def family_for_dir(path: str | Path) -> ModelFamily:
     return family_for_model_type(model_type)
 
 
-_OVERRIDE: dict[int, ModelFamily] = {}  # id(model) -> family, set by use_family (doctor's fault injection)
+# model -> family, set by use_family (doctor --adapter, fault injection); weak, so a model that is
+# freed takes its override with it and a later model can never inherit it.
+_OVERRIDE: weakref.WeakKeyDictionary[nn.Module, ModelFamily] = weakref.WeakKeyDictionary()
 
 
 def family_of(model: nn.Module) -> ModelFamily:
     """The adapter for ``model`` (a transformers model, possibly PEFT-wrapped)."""
     base = unwrap_model(model)
-    if id(base) in _OVERRIDE:
-        return _OVERRIDE[id(base)]
+    if base in _OVERRIDE:
+        return _OVERRIDE[base]
     config = getattr(base, "config", None)
     if config is None:
         raise UnsupportedModelError(f"{type(base).__name__} has no config; not a transformers model")
@@ -201,9 +204,9 @@ def use_family(model: nn.Module, family: ModelFamily | None) -> None:
     For checking an adapter under development, or that a wrong one is caught."""
     base = unwrap_model(model)
     if family is None:
-        _OVERRIDE.pop(id(base), None)
+        _OVERRIDE.pop(base, None)
     else:
-        _OVERRIDE[id(base)] = family
+        _OVERRIDE[base] = family
 
 
 def override_family(family: ModelFamily, changes: dict[str, Any]) -> ModelFamily:

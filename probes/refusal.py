@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -71,6 +72,8 @@ class ProbeMetadata:
     sweep: list[LayerResult] = field(default_factory=list)
     created_at: str = ""
     probe_id: str = ""
+    # How the traces it was fitted on were generated (budget, decoding, format): its labels depend on them.
+    generation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -190,6 +190,7 @@ def test_dense_kit_round_trips_and_refuses_another_model(lm: LoadedModel, dense_
     assert len(kit.validation["actadd"]) == 2 * len(SMALL_KIT.steer_layers or ()) + 1
     assert torch.equal(kit.direction.at(kit.direction.layer, kit.direction.position), kit.direction.vector)
     assert set(kit.benign) == {"compliance", "json"}
+    assert kit.generation["max_new_tokens"] == SMALL_KIT.max_new_tokens and kit.generation["sampling"]["temperature"] == 0.0
     with pytest.raises(ProbeMismatchError):
         AttackKit.load_for(dense_kit, moe_lm)
     with pytest.raises(ValueError, match="mixture-of-experts"):

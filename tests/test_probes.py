@@ -51,6 +51,8 @@ def test_probe_roundtrip_is_safetensors_and_json(probe: RefusalProbe, tmp_path: 
     assert loaded.meta == probe.meta
     meta = json.loads((tmp_path / "p" / PROBE_META).read_text())
     assert meta["layer"] == probe.layer and meta["sweep"]
+    # What the labels rest on: the traces' budget and decoding travel with the probe.
+    assert meta["generation"]["max_new_tokens"] > 0 and meta["generation"]["sampling"]["temperature"] == 0.0
 
 
 def test_probe_refuses_another_model(probe: RefusalProbe, lm: LoadedModel, moe_dir: Path) -> None:

@@ -64,6 +64,7 @@ class AttackKit:
     expert_directions: torch.Tensor | None = None  # [moe layers, experts, hidden]
     strengths: dict[str, dict[str, Any]] = field(default_factory=dict)  # attack -> chosen parameters
     validation: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # attack -> grid results
+    generation: dict[str, Any] = field(default_factory=dict)  # decoding the selection and tuning generated with
 
     @property
     def is_moe(self) -> bool:
@@ -92,7 +93,8 @@ class AttackKit:
                 tensors[name] = value.contiguous()
         save_file(tensors, str(out / "vectors.safetensors"))
         meta = {"model_fingerprint": self.model_fingerprint, "moe_layers": self.moe_layers,
-                "benign": sorted(self.benign), "strengths": self.strengths, "validation": self.validation}
+                "benign": sorted(self.benign), "strengths": self.strengths, "validation": self.validation,
+                "generation": self.generation}
         write_json_atomic(out / "kit.json", meta)  # written last: a kit without kit.json is incomplete
         return out
 
@@ -117,6 +119,7 @@ class AttackKit:
             expert_directions=tensors.get("expert_directions"),
             strengths=meta["strengths"],
             validation=meta["validation"],
+            generation=meta.get("generation", {}),  # kits saved before it was recorded
         )
 
 

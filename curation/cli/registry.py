@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from curation.cli.verb import Verb
 from curation.experiments import attack_verbs, verbs
-from curation.pipeline import data_verbs, doctor_verb, generation_verbs, model_verbs, store_verbs
+from curation.pipeline import data_verbs, doctor_verb, generation_verbs, judge_verb, model_verbs, store_verbs
 
 _ALL: tuple[Verb, ...] = (
     model_verbs.ORGANISM_BUILD_VERB,
@@ -25,6 +25,7 @@ _ALL: tuple[Verb, ...] = (
     model_verbs.RETAIN_VERB,
     model_verbs.FINETUNE_VERB,
     model_verbs.EVALUATE_VERB,
+    judge_verb.JUDGE_VERB,
     attack_verbs.ATTACKS_PREPARE_VERB,
     attack_verbs.ATTACKS_EXPORT_VERB,
     attack_verbs.EXPERIMENT_ATTACKS_VERB,

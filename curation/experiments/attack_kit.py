@@ -190,7 +190,8 @@ def prepare_attack_kit(
     if progress is not None:
         progress("benign vectors")
     kit = AttackKit(direction=direction, benign=benign_vectors(lm, split.harmless_extract, fmt, settings, judge),
-                    model_fingerprint=lm.fingerprint)
+                    model_fingerprint=lm.fingerprint,
+                    generation={"max_new_tokens": settings.max_new_tokens, "sampling": asdict(lm.sampling), "format": asdict(fmt)})
     if find_moe_layers(lm.model):
         if progress is not None:
             progress("expert routing")

@@ -93,6 +93,7 @@ def run_heads(
         "n_traces": n_traces,
         "bias_included": False,
         "settings": asdict(settings),
+        "sampling": asdict(lm.sampling),
         "contributions": contributions.tolist(),
         "ranking": ranking,
         "base": {"asr": base["asr_of_all"], "over_refusal": base["over_refusal_of_all"]},

@@ -25,7 +25,7 @@ Two labelling protocols:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -134,4 +134,7 @@ def train_probe_for_model(
         for result in sweep.results:
             m = means[result.layer]
             result.span_gap = float(np.nanmean(m[: len(pos)]) - np.nanmean(m[len(pos) :]))
-    return sweep.choose(), ProbeTrainReport(len(prompts), n_pos, n_neg, skipped, unclosed)
+    chosen = sweep.choose()
+    chosen.meta.generation = {"max_new_tokens": settings.max_new_tokens, "protocol": settings.protocol,
+                              "sampling": asdict(lm.sampling), "format": asdict(fmt)}
+    return chosen, ProbeTrainReport(len(prompts), n_pos, n_neg, skipped, unclosed)
