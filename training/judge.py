@@ -78,11 +78,14 @@ class SubstringJudge:
         return [self.judge(a) for a in answers]
 
 
-JUDGES: dict[str, type] = {"substring": SubstringJudge}
+JUDGE_NAMES = ("substring", "context")
 
 
 def make_judge(name: str) -> Judge:
-    try:
-        return JUDGES[name]()
-    except KeyError:
-        raise ValueError(f"--judge must be one of {', '.join(sorted(JUDGES))}, got {name!r}") from None
+    if name == "substring":
+        return SubstringJudge()
+    if name == "context":
+        from training.judge_context import ContextJudge  # reads this module's phrase list
+
+        return ContextJudge()
+    raise ValueError(f"--judge must be one of {', '.join(JUDGE_NAMES)}, got {name!r}")

@@ -113,7 +113,8 @@ def _print_table(doc: dict[str, Any], where) -> None:
 
 
 JUDGE_VERB = Verb("judge", "judge (request, answer) pairs; with --labels, agreement with people's labels", [
-    Option("--judge", str, "substring", "which judge", choices=("substring",)),
+    Option("--judge", str, "substring", "substring (stock refusal phrases in the answer) or context (reads the request too: "
+           "refusals without stock phrases, deflections, partial and apologetic compliance)", choices=("substring", "context")),
     Option("--in", str, None, "pairs: jsonl, csv, parquet or a saved dataset with prompt and answer (or response)", required=True),
     Option("--out", str, None, "write the pairs with each verdict as jsonl"),
     Option("--labels", str, None, "column of people's labels (refusal/compliance or 1/0): report agreement, precision, recall"),
