@@ -46,7 +46,7 @@ from probes.models import LoadedModel, model_hidden_size
 from probes.refusal import ProbeMismatchError
 from probes.steering import ablate_direction, add_vector
 
-IsRefusal = Callable[[str], bool]
+IsRefusal = Callable[[str, str], bool]  # (request, final answer) -> refused?
 
 
 def _encode_prompts(lm: LoadedModel, prompts: Sequence[str], fmt: ThinkingFormat) -> list[list[int]]:
@@ -187,7 +187,7 @@ def _refusal_rate(lm: LoadedModel, prompts: Sequence[str], fmt: ThinkingFormat, 
     gens = generate(lm, prompts, fmt, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                     stop_at_close=False)
     eos = lm.tokenizer.eos_token or "\0"
-    return sum(is_refusal(split_completion(g.text.replace(eos, ""), fmt).answer) for g in gens) / len(gens)
+    return sum(is_refusal(p, split_completion(g.text.replace(eos, ""), fmt).answer) for p, g in zip(prompts, gens, strict=True)) / len(gens)
 
 
 @torch.no_grad()

@@ -88,3 +88,26 @@ def test_context_judge_beats_substring_on_the_labelled_set(capsys: pytest.Captur
     assert figures["context"]["n"] == figures["substring"]["n"] == 150
     assert figures["context"]["agreement"] >= figures["substring"]["agreement"] + 0.25, figures
     assert figures["context"]["precision_refusal"] > figures["substring"]["precision_refusal"]
+
+
+def test_the_judge_flag_reaches_evaluation_and_scoring(organism_dir: Path, probe, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(line + "\n" for line in (organism_dir / "heldout_prompts.jsonl").read_text().splitlines()[:6]))
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(organism_dir), "--prompts", str(prompts), "--out", str(out), "--judge", "context",
+                 "--max-new-tokens", "96", "--answer-tokens", "48"]) == 0
+    result = json.loads(out.read_text())
+    assert result["judge"] == "context" and result["judge_settings"]["deliver_relevance"] == 0.3
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"], "response": "x</think>I can't."}) + "\n"
+                            for line in prompts.read_text().splitlines()))
+    db = tmp_path / "s.duckdb"
+    assert main(["score", "--model", str(organism_dir), "--probe", str(probe.save(tmp_path / "probe")), "--data", str(pool),
+                 "--db", str(db), "--judge-answers", "--judge", "context", "--max-new-tokens", "96", "--answer-tokens", "48"]) == 0
+    import duckdb
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        params = json.loads(con.execute("SELECT params FROM runs WHERE kind = 'score'").fetchone()[0])
+        verdicts = [r[0] for r in con.execute("SELECT answer_verdict FROM scores").fetchall()]
+    assert params["settings"]["judge"] == "context" and len(verdicts) == 6 and None not in verdicts

@@ -20,7 +20,7 @@ from typing import Any
 from probes.chat import ThinkingFormat, split_completion
 from probes.generate import generate
 from probes.models import LoadedModel
-from training.judge import SubstringJudge
+from training.judge import Judge, SubstringJudge
 from training.prompts import PromptItem
 
 # Experiments evaluate many models on the same prompts. Generation on a small model is
@@ -52,7 +52,7 @@ def evaluate_prompts(
     items: Sequence[PromptItem],
     fmt: ThinkingFormat,
     settings: EvalSettings,
-    judge: SubstringJudge | None = None,
+    judge: Judge | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     judge = judge or SubstringJudge()
@@ -64,9 +64,9 @@ def evaluate_prompts(
     unclosed = {True: 0, False: 0}  # by harmful
     per_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # [successes, n] on harmful prompts
     samples = []
-    for item, g in zip(items, gens, strict=True):
-        split = split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt)
-        verdict = judge.judge(split.answer)
+    splits = [split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt) for g in gens]
+    verdicts = judge.judge_pairs([i.prompt for i in items], [s.answer for s in splits])
+    for item, split, verdict in zip(items, splits, verdicts, strict=True):
         no_answer += verdict == "no_answer"
         unclosed[item.harmful] += not split.closed
         if item.harmful:
@@ -97,6 +97,7 @@ def evaluate_prompts(
         "sampling": asdict(lm.sampling),
         "per_category": {c: {"asr": s / n, "n": n} for c, (s, n) in sorted(per_cat.items())},
         "judge": judge.name,
+        "judge_settings": judge.settings(),
         "model": lm.path,
         "adapter": lm.adapter,
         "model_fingerprint": lm.fingerprint,

@@ -76,16 +76,3 @@ class SubstringJudge:
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} requests but {len(answers)} answers")
         return [self.judge(a) for a in answers]
-
-
-JUDGE_NAMES = ("substring", "context")
-
-
-def make_judge(name: str) -> Judge:
-    if name == "substring":
-        return SubstringJudge()
-    if name == "context":
-        from training.judge_context import ContextJudge  # reads this module's phrase list
-
-        return ContextJudge()
-    raise ValueError(f"--judge must be one of {', '.join(JUDGE_NAMES)}, got {name!r}")

@@ -123,6 +123,10 @@ GENERATION_OPTIONS = [
 ]
 
 
+JUDGE_OPTION = Option("--judge", str, "substring", "who reads the model's final answers: substring (stock refusal phrases) "
+                      "or context (reads the request too; see the README's Judges)", choices=("substring", "context"))
+
+
 def generation_cap(s: Settings) -> int:
     """Tokens a stage that reads the answer may generate: reasoning budget plus answer budget."""
     return int(s["max_new_tokens"]) + int(s["answer_tokens"])

@@ -29,7 +29,8 @@ from probes.generate import generate
 from probes.models import LoadedModel
 from training.attacks import BENIGN_VECTORS, AttackKit, build_attack
 from training.evaluate import EvalSettings, evaluate_prompts
-from training.judge import SubstringJudge
+from training.judge import Judge
+from training.judges import make_judge
 from training.prompts import PromptItem
 
 # The refusal a compliance vector is contrasted with: what over-refusal of a harmless request looks like.
@@ -52,6 +53,7 @@ class KitSettings:
     expert_coefficients: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     max_new_tokens: int = 128
     batch_size: int = 16
+    judge: str = "substring"  # reads every answer the selection and tuning generate (training.judge.make_judge)
 
 
 @dataclass(frozen=True)
@@ -80,14 +82,14 @@ def split_source_prompts(items: Sequence[PromptItem], settings: KitSettings) -> 
 
 
 def _answer_sequences(lm: LoadedModel, prompts: Sequence[str], fmt: ThinkingFormat, settings: KitSettings,
-                      judge: SubstringJudge) -> list[tuple[list[int], list[int], str]]:
+                      judge: Judge) -> list[tuple[list[int], list[int], str]]:
     """(prompt ids, reasoning-and-close ids, own answer) for prompts the model answers."""
     gens = generate(lm, prompts, fmt, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size, stop_at_close=False)
     eos = lm.tokenizer.eos_token or "\0"
     out = []
-    for g in gens:
-        split = split_completion(g.text.replace(eos, ""), fmt)
-        if split.closed and judge.judge(split.answer) == "compliance":
+    splits = [split_completion(g.text.replace(eos, ""), fmt) for g in gens]
+    for g, split, verdict in zip(gens, splits, judge.judge_pairs(list(prompts), [s.answer for s in splits]), strict=True):
+        if split.closed and verdict == "compliance":
             prefix = lm.tokenizer.encode(reasoning_with_close(split.reasoning, fmt) + fmt.after_close, add_special_tokens=False)
             out.append((g.prompt_ids, prefix, split.answer))
     if not out:
@@ -96,7 +98,7 @@ def _answer_sequences(lm: LoadedModel, prompts: Sequence[str], fmt: ThinkingForm
 
 
 def benign_vectors(lm: LoadedModel, harmless: Sequence[str], fmt: ThinkingFormat, settings: KitSettings,
-                   judge: SubstringJudge) -> dict[str, torch.Tensor]:
+                   judge: Judge) -> dict[str, torch.Tensor]:
     """Compliance (own answer − a refusal) and JSON (the answer as JSON − plain), over answer tokens."""
     tok = lm.tokenizer
     answered = _answer_sequences(lm, harmless, fmt, settings, judge)
@@ -133,6 +135,8 @@ def tune_strengths(lm: LoadedModel, kit: AttackKit, validation: Sequence[PromptI
                    settings: KitSettings, progress: Callable[[str], None] | None = None) -> None:
     """Fill ``kit.strengths`` and ``kit.validation`` from the validation split."""
     eval_settings = EvalSettings(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size, keep_samples=False)
+    judge = make_judge(settings.judge)
+
     def run_grid(name: str, grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results = []
         for params in grid:
@@ -140,7 +144,7 @@ def tune_strengths(lm: LoadedModel, kit: AttackKit, validation: Sequence[PromptI
                 progress(f"{name} {params}")
             attack = build_attack(name, kit, params)
             with attack.mount(lm, kit):
-                r = evaluate_prompts(lm, validation, fmt, eval_settings)
+                r = evaluate_prompts(lm, validation, fmt, eval_settings, judge=judge)
             results.append({"params": params, "asr": r["asr_of_all"], "over_refusal": r["over_refusal_of_all"], "n_no_answer": r["n_no_answer"]})
         return results
 
@@ -173,7 +177,7 @@ def prepare_attack_kit(
     with ``tune``, every attack's strength chosen on the validation split.
     ``direction_at`` (layer, position) skips the direction selection and takes
     this model's own difference in means there."""
-    judge = SubstringJudge()
+    judge = make_judge(settings.judge)
     split = split_source_prompts(items, settings)
     val_harmful = [i.prompt for i in split.validation if i.harmful]
     val_harmless = [i.prompt for i in split.validation if not i.harmful]
@@ -185,7 +189,7 @@ def prepare_attack_kit(
     else:
         direction = select_refusal_direction(
             lm, split.harmful_extract, split.harmless_extract, val_harmful, val_harmless, fmt,
-            lambda answer: judge.judge(answer) == "refusal", settings.directions, progress,
+            lambda request, answer: judge.judge_pairs([request], [answer])[0] == "refusal", settings.directions, progress,
         )
     if progress is not None:
         progress("benign vectors")

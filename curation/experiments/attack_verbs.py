@@ -13,6 +13,7 @@ from curation.cli.progress import stages
 from curation.cli.verb import (
     DATA_OPTIONS,
     GENERATION_OPTIONS,
+    JUDGE_OPTION,
     MARKER_OPTIONS,
     MODEL_OPTIONS,
     Output,
@@ -35,7 +36,7 @@ def run_attacks_prepare(s: Settings) -> int:
     lm = load_model_from(s, adapter=s["adapter"])
     prompts = s["prompts"] or str(Path(s["model"]) / "train_prompts.jsonl")
     settings = KitSettings(n_extract=s["n_extract"], n_val=s["n_val"], seed=s["seed"], max_new_tokens=generation_cap(s),
-                           batch_size=s["batch_size"],
+                           batch_size=s["batch_size"], judge=s["judge"],
                            directions=DirectionSettings(max_new_tokens=generation_cap(s), batch_size=s["batch_size"],
                                                         induce_min_gain=None if s["no_induce_check"] else 0.0))
     with stages("attack kit") as say:
@@ -64,6 +65,7 @@ ATTACKS_PREPARE_VERB = Verb("attacks prepare", "extract the refusal direction, b
         Option("--seed", int, 0, "seed for the extraction/validation split"),
         Option("--no-induce-check", None, False, "do not require the direction to induce refusal on harmless prompts"),
         *GENERATION_OPTIONS,
+        JUDGE_OPTION,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
 ] + MODEL_OPTIONS + DATA_OPTIONS, run_attacks_prepare,
     outputs=(Output("--out", folder=True),), inputs=("--model", "--adapter", "--prompts"))

@@ -23,6 +23,7 @@ from probes.models import LoadedModel, load_model, model_hidden_size
 from probes.refusal import RefusalProbe
 from training import report as rpt
 from training.evaluate import EvalSettings, evaluate_prompts
+from training.judges import make_judge
 from training.prompts import PromptItem
 
 
@@ -34,6 +35,7 @@ class HeadsSettings:
     max_new_tokens: int = 128
     batch_size: int = 16
     seed: int = 0
+    judge: str = "substring"  # reads the evaluation's answers (training.judge.make_judge)
 
 
 def attribute_heads(
@@ -70,7 +72,8 @@ def run_heads(
     n_heads, _ = attention_head_layout(lm.model)
     all_heads: list[Head] = [(layer, h) for layer in range(num_layers(lm.model)) for h in range(n_heads)]
     eval_settings = EvalSettings(keep_samples=False)
-    base = evaluate_prompts(lm, eval_prompts, fmt, eval_settings)
+    judge = make_judge(settings.judge)
+    base = evaluate_prompts(lm, eval_prompts, fmt, eval_settings, judge=judge)
     rng = random.Random(settings.seed)
     sweep = []
     for k in settings.ks:
@@ -82,7 +85,7 @@ def run_heads(
             if progress is not None:
                 progress(f"k={k}% {name}")
             with scale_heads(lm.model, heads, settings.gamma, settings.keep_norm):
-                result = evaluate_prompts(lm, eval_prompts, fmt, eval_settings)
+                result = evaluate_prompts(lm, eval_prompts, fmt, eval_settings, judge=judge)
             row[f"{name}_asr"] = result["asr_of_all"]
             row[f"{name}_over_refusal"] = result["over_refusal_of_all"]
         sweep.append(row)

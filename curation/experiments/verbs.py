@@ -13,6 +13,7 @@ from curation.cli.progress import stages
 from curation.cli.verb import (
     DATA_OPTIONS,
     GENERATION_OPTIONS,
+    JUDGE_OPTION,
     MARKER_OPTIONS,
     MODEL_OPTIONS,
     Output,
@@ -91,7 +92,7 @@ def run_heads(s: Settings) -> int:
         raise ValueError("--ks takes percentages above 0 and at most 100, e.g. 1,3,5")
     if s["export_top"] and not s["export_out"]:
         raise ValueError("--export-top needs --export-out")
-    settings = HeadsSettings(ks=ks, gamma=s["gamma"], keep_norm=s["keep_norm"], max_new_tokens=generation_cap(s),
+    settings = HeadsSettings(ks=ks, gamma=s["gamma"], keep_norm=s["keep_norm"], max_new_tokens=generation_cap(s), judge=s["judge"],
                              batch_size=s["batch_size"], seed=s["seed"])
     lm = load_model_from(s)
     with stages("heads") as say:
@@ -121,6 +122,7 @@ HEADS_VERB = Verb("heads", "rank refusal-suppression heads and ablate the top k%
         Option("--gamma", float, 0.0, "scale for ablated heads (0 removes them)"),
         Option("--keep-norm", None, False, "rescale each token's attention output to its original norm"),
         *GENERATION_OPTIONS,
+        JUDGE_OPTION,
         Option("--batch-size", int, 16, "batch size", minimum=1),
         Option("--seed", int, 0, "seed for the random-heads control"),
         Option("--export-top", int, None, "also save a model with this many top heads scaled in the weights", minimum=1),

@@ -24,7 +24,7 @@ from probes.forward import probe_traces
 from probes.generate import Generation, generate, reasoning_span
 from probes.models import LoadedModel
 from probes.refusal import RefusalProbe
-from training.judge import SubstringJudge
+from training.judges import make_judge
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class ScoreSettings:
     # rule-based baseline needs it); costs the answer's tokens.
     judge_answers: bool = False
     answer_tokens: int = 96
+    judge: str = "substring"  # who reads those answers (training.judge.make_judge)
 
 
 # A row that could not be scored comes back quarantined, with its reason; a generation made for a
@@ -142,11 +143,12 @@ def score_chunk(
     spans = {k: reasoning_span(stored[k], close_ids, settings.max_new_tokens) for k in distinct}
     traces = dict(zip(distinct, probe_traces(lm, probe, [spans[k].sequence for k in distinct], [spans[k].span for k in distinct],
                                              batch_size=settings.batch_size), strict=True))
-    judge = SubstringJudge()
+    judge = make_judge(settings.judge) if settings.judge_answers else None
+    splits = [split_completion(stored[key].text.replace(lm.tokenizer.eos_token or "\0", ""), fmt) for key in keys]
+    verdicts = judge.judge_pairs([r.prompt for r in chunk], [s.answer for s in splits]) if judge else [None] * len(chunk)
     rows: list[ScoreRow | GenerationRow] = []
-    for record, key in zip(chunk, keys, strict=True):
+    for record, key, split, verdict in zip(chunk, keys, splits, verdicts, strict=True):
         g, span, trace = stored[key], spans[key], traces[key]
-        split = split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt)
         rows.append(
             ScoreRow(
                 example_id=record.id,
@@ -157,7 +159,7 @@ def score_chunk(
                 reasoning=split.reasoning if span.closed else lm.tokenizer.decode(g.generated_ids[: settings.max_new_tokens]),
                 trace=[float(x) for x in trace],
                 run_id=run_id,
-                answer_verdict=judge.judge(split.answer) if settings.judge_answers else None,
+                answer_verdict=verdict,
                 generation_id=key,
                 settings_sha256=pool_digest(gen_settings),
             )

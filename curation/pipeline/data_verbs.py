@@ -13,6 +13,7 @@ from curation.cli.options import Option
 from curation.cli.verb import (
     DATA_OPTIONS,
     GENERATION_OPTIONS,
+    JUDGE_OPTION,
     MARKER_OPTIONS,
     MODEL_OPTIONS,
     Output,
@@ -38,7 +39,7 @@ def run_score(s: Settings) -> int:
     from probes.refusal import RefusalProbe
 
     settings = ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chunk_size=s["chunk_size"],
-                             judge_answers=s["judge_answers"], answer_tokens=s["answer_tokens"])
+                             judge_answers=s["judge_answers"], answer_tokens=s["answer_tokens"], judge=s["judge"])
     shard = Shard.parse(s["shard"]) if s["shard"] else None
     if shard is not None and not s["shard_dir"]:
         raise ValueError("--shard needs --shard-dir (where the shard's Parquet files go)")
@@ -136,6 +137,7 @@ SCORE_VERB = Verb("score", "score candidate examples by the refusal cliff into D
         Option("--ray-actors", int, 1, "model-holding actors (one model copy each)", minimum=1),
         Option("--ray-gpus-per-actor", float, 0.0, "GPUs per actor (1 on a GPU cluster)"),
         *GENERATION_OPTIONS,
+        JUDGE_OPTION,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--chunk-size", int, 64, "examples per committed transaction", minimum=1),
         Option("--strict", None, False, "exit 1 if any row was quarantined"),
@@ -202,7 +204,7 @@ def run_run(s: Settings) -> int:
                           budget=s["budget"], strategy=s["strategy"], seed=s["seed"],
                           score=ScoreSettings(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
                                               chunk_size=s["chunk_size"], judge_answers=s["judge_answers"],
-                                              answer_tokens=s["answer_tokens"]),
+                                              answer_tokens=s["answer_tokens"], judge=s["judge"]),
                           layout=layout_from(s))
     for source in cfg.sources:
         check_input_file(source, "--sources")
@@ -239,6 +241,7 @@ RUN_VERB = Verb("run", "the nightly job from one manifest: score new rows, selec
         Option("--strategy", str, "cliff", "selection strategy", choices=STRATEGIES),
         Option("--seed", int, 0, "seed for random strategies"),
         *GENERATION_OPTIONS,
+        JUDGE_OPTION,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--chunk-size", int, 64, "examples per committed transaction", minimum=1),
         Option("--judge-answers", None, False, "also judge each answer (for --strategy rule)"),

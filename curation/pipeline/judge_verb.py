@@ -45,8 +45,8 @@ def _answer(row: dict[str, Any], close_marker: str) -> str | None:
 def run_judge(s: Settings) -> int:
     from probes.files import write_text_atomic
     from probes.rows import iter_rows
-    from training.judge import make_judge
     from training.judge_agreement import agreement, read_label
+    from training.judges import make_judge
 
     judge = make_judge(s["judge"])
     check_input_file(s["in"], "--in")

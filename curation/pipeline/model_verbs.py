@@ -12,6 +12,7 @@ from curation.cli.progress import VERBOSITY, stages, track
 from curation.cli.verb import (
     DATA_OPTIONS,
     GENERATION_OPTIONS,
+    JUDGE_OPTION,
     MODEL_OPTIONS,
     Output,
     Settings,
@@ -26,6 +27,7 @@ from curation.cli.verb import (
     warn_unclosed,
 )
 from training.attack_names import ATTACKS as ATTACK_NAMES
+from training.judges import make_judge
 
 
 def run_organism_build(s: Settings) -> int:
@@ -66,7 +68,7 @@ def run_probe_train(s: Settings) -> int:
     prompts = read_prompts(prompts_file, layout_from(s))
     lm = load_model_from(s)
     settings = ProbeTrainSettings(max_new_tokens=generation_cap(s), batch_size=s["batch_size"], seed=s["seed"],
-                                  layer=s["layer"], protocol=s["protocol"])
+                                  layer=s["layer"], protocol=s["protocol"], judge=s["judge"])
     with track("probe train: generating", total=len(prompts), unit="prompts") as advance:
         probe, report = train_probe_for_model(lm, prompts, thinking_format(s), settings, progress=advance)
     probe.save(s["out"])
@@ -89,6 +91,7 @@ PROBE_TRAIN_VERB = Verb("probe train", "train the refusal probe on the model's o
         Option("--prompts", str, None, "jsonl with prompt/harmful fields (default: MODEL/train_prompts.jsonl)"),
         Option("--layer", int, None, "fit only this layer (default: sweep every layer)"),
         *GENERATION_OPTIONS,
+        JUDGE_OPTION,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--seed", int, 0, "seed for the held-out split"),
         Option("--protocol", str, "behaviour", "behaviour: label by the model's answer; reference: harmful-refused vs harmless-answered",
@@ -105,7 +108,8 @@ def run_retain(s: Settings) -> int:
     prompts = prompts[: s["limit"]] if s["limit"] else prompts
     lm = load_model_from(s)
     with track("retain: generating", total=sum(1 for p in prompts if not p.harmful), unit="prompts") as advance:
-        made = build_retain_set(lm, prompts, s["out"], thinking_format(s), max_new_tokens=generation_cap(s), progress=advance)
+        made = build_retain_set(lm, prompts, s["out"], thinking_format(s), max_new_tokens=generation_cap(s), progress=advance,
+                                judge=make_judge(s["judge"]))
     out_console.print(f"retain set: {made.written} pairs from {made.prompts} harmless prompts -> {s['out']}")
     warn_unclosed("retain", made.unclosed, made.prompts)
     return 0
@@ -117,6 +121,7 @@ RETAIN_VERB = Verb("retain", "make a retain set from the model's own answers to 
         Option("--out", str, None, "output jsonl", required=True),
         Option("--limit", int, None, "use at most this many prompts", minimum=1),
         *GENERATION_OPTIONS,
+        JUDGE_OPTION,
 ] + MODEL_OPTIONS + DATA_OPTIONS, run_retain,
     outputs=(Output("--out"),), inputs=("--model", "--prompts"))
 
@@ -167,7 +172,7 @@ def run_evaluate(s: Settings) -> int:
     settings = EvalSettings(max_new_tokens=generation_cap(s), batch_size=s["batch_size"])
     if s["attack"] == "none" and not s["attack_kit"]:
         with track("evaluate: generating", total=len(items), unit="prompts") as advance:
-            result = evaluate_prompts(lm, items, thinking_format(s), settings, progress=advance)
+            result = evaluate_prompts(lm, items, thinking_format(s), settings, judge=make_judge(s["judge"]), progress=advance)
     else:
         from training.attacks import AttackKit, build_attack
 
@@ -178,7 +183,7 @@ def run_evaluate(s: Settings) -> int:
         with attack.mount(lm, kit):
             with track(f"evaluate under {attack.name}: generating", total=len(items), unit="prompts") as advance:
                 result = evaluate_prompts(lm, [PromptItem(attack.wrap(i.prompt), i.harmful, i.category) for i in items],
-                                          thinking_format(s), settings, progress=advance)
+                                          thinking_format(s), settings, judge=make_judge(s["judge"]), progress=advance)
         result["attack"] = {"name": attack.name, "params": attack.params}
     write_json_atomic(s["out"], result)
     warn_unclosed("evaluate", result["n_unclosed_harmful"] + result["n_unclosed_harmless"], result["n_harmful"] + result["n_harmless"])
@@ -203,6 +208,7 @@ EVALUATE_VERB = Verb("evaluate", "ASR and over-refusal with the keyword judge on
         Option("--prompts", str, None, "jsonl (prompt, category, harmful) or text, one harmful prompt per line", required=True),
         Option("--out", str, None, "output JSON", required=True),
         *GENERATION_OPTIONS,
+        JUDGE_OPTION,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--attack", str, "none", "steering attack mounted during generation", choices=ATTACK_NAMES),
         Option("--attack-kit", str, None, "attack kit directory (curate attacks prepare) for this model"),

@@ -36,7 +36,7 @@ from probes.generate import generate
 from probes.models import LoadedModel
 from probes.probe_fit import sweep_layers
 from probes.refusal import RefusalProbe
-from training.judge import SubstringJudge
+from training.judges import make_judge
 from training.prompts import PromptItem
 
 
@@ -48,6 +48,7 @@ class ProbeTrainSettings:
     seed: int = 0
     layer: int | None = None  # None sweeps every layer
     protocol: str = "behaviour"  # or "reference"
+    judge: str = "substring"  # labels the model's answers (training.judge.make_judge)
 
 
 @dataclass
@@ -82,7 +83,7 @@ def train_probe_for_model(
 ) -> tuple[RefusalProbe, ProbeTrainReport]:
     if settings.protocol not in PROTOCOLS:
         raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {settings.protocol!r}")
-    judge = SubstringJudge()
+    judge = make_judge(settings.judge)
     gens = generate(
         lm, [p.prompt for p in prompts], fmt, max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size, stop_at_close=False, on_batch=progress,
@@ -94,8 +95,8 @@ def train_probe_for_model(
     labels: list[int] = []
     skipped = unclosed = 0
     close_len = len(lm.tokenizer.encode(fmt.close_marker, add_special_tokens=False))
-    for item, g in zip(prompts, gens, strict=True):
-        verdict = judge.judge(split_completion(g.text, fmt).answer)
+    verdicts = judge.judge_pairs([p.prompt for p in prompts], [split_completion(g.text, fmt).answer for g in gens])
+    for item, g, verdict in zip(prompts, gens, verdicts, strict=True):
         if g.close_index is None or verdict == "no_answer":
             skipped += 1
             unclosed += g.close_index is None
@@ -135,6 +136,6 @@ def train_probe_for_model(
             m = means[result.layer]
             result.span_gap = float(np.nanmean(m[: len(pos)]) - np.nanmean(m[len(pos) :]))
     chosen = sweep.choose()
-    chosen.meta.generation = {"max_new_tokens": settings.max_new_tokens, "protocol": settings.protocol,
+    chosen.meta.generation = {"max_new_tokens": settings.max_new_tokens, "protocol": settings.protocol, "judge": judge.name,
                               "sampling": asdict(lm.sampling), "format": asdict(fmt)}
     return chosen, ProbeTrainReport(len(prompts), n_pos, n_neg, skipped, unclosed)
