@@ -120,12 +120,32 @@ def check_head_sum(ctx: DoctorContext) -> list[CheckResult]:
     return [make_check("heads add up to the attention output", f"max relative |Δ| <= {1e-4 * ctx.tol:.0e}", worst, worst <= 1e-4 * ctx.tol)]
 
 
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def _tensor_digest(t: torch.Tensor, chunk: int = 1 << 24) -> tuple[int, int]:
+    """Two integer sums over a tensor's bits (plain and position-weighted), on its own device and
+    a slice at a time: exact and order-free (integer addition, wrapping modulo 2**64 where it
+    overflows), so an identical tensor always gives the same pair on a GPU too, and a checkpoint
+    of billions of weights is never copied whole."""
+    bits = t.detach().contiguous().reshape(-1).view(_INT_VIEW[t.element_size()])
+    plain = weighted = 0
+    for start in range(0, bits.numel(), chunk):
+        part = bits[start:start + chunk].to(torch.int64)
+        position = torch.arange(start, start + part.numel(), device=part.device) % 251 + 1
+        plain += int(part.sum())
+        weighted += int((part * position).sum())
+    return plain, weighted
+
+
 def _instrumentation(model: nn.Module) -> tuple[int, str]:
+    """Hooks on every module and a digest of every weight and buffer (and which tensor the LM head
+    uses, since orthogonalisation unties it): what an attack must leave as it found it."""
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     digest = hashlib.sha256()
     for name, p in sorted(model.state_dict(keep_vars=True).items()):
-        digest.update(name.encode())
-        digest.update(p.detach().float().cpu().numpy().tobytes())
+        digest.update(f"{name}:{tuple(p.shape)}:{_tensor_digest(p)}".encode())
     heads = model.get_output_embeddings()
     digest.update(str(id(heads.weight) if heads is not None else 0).encode())
     return hooks, digest.hexdigest()

@@ -243,3 +243,19 @@ def test_device_map_and_attention_implementation_load_the_same_model(tiny_dirs: 
     assert mapped.fingerprint == plain.fingerprint
     ids = plain.tokenizer("a short test sentence", return_tensors="pt").input_ids
     assert torch.allclose(plain.model(ids).logits, mapped.model(ids).logits, atol=1e-5)
+
+
+def test_an_attack_that_leaves_a_weight_edited_is_caught(tiny_dirs: dict[str, Path]) -> None:
+    lm = load_model(tiny_dirs["qwen3"])  # its own copy: this test edits a weight for good
+    weight = lm.model.get_input_embeddings().weight
+
+    class Sticky:
+        def __enter__(self) -> None:
+            with torch.no_grad():
+                weight[3, 5] += 1e-3  # a tiny edit, never undone
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    results = doctor.run_doctor(lm, family_of(lm.model).thinking, attacks={"sticky": lambda m, d: Sticky()})
+    assert [r.detail for r in results if not r.passed] == ["sticky"]

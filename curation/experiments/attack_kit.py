@@ -53,7 +53,7 @@ class KitSettings:
     expert_coefficients: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     max_new_tokens: int = 128
     batch_size: int = 16
-    judge: str = "substring"  # reads every answer the selection and tuning generate (training.judge.make_judge)
+    judge: str = "substring"  # reads every answer the selection and tuning generate (training.judges.make_judge)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class HeadsSettings:
     max_new_tokens: int = 128
     batch_size: int = 16
     seed: int = 0
-    judge: str = "substring"  # reads the evaluation's answers (training.judge.make_judge)
+    judge: str = "substring"  # reads the evaluation's answers (training.judges.make_judge)
 
 
 def attribute_heads(

@@ -37,7 +37,7 @@ class ScoreSettings:
     # rule-based baseline needs it); costs the answer's tokens.
     judge_answers: bool = False
     answer_tokens: int = 96
-    judge: str = "substring"  # who reads those answers (training.judge.make_judge)
+    judge: str = "substring"  # who reads those answers (training.judges.make_judge)
 
 
 # A row that could not be scored comes back quarantined, with its reason; a generation made for a
@@ -74,9 +74,13 @@ def pool_digest(values: dict[str, Any]) -> str:
     return settings_digest({k: v for k, v in values.items() if k not in _ANSWER_ONLY})
 
 
+def prompt_sha256(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def generation_id(prompt: str, model_fingerprint: str, settings_sha256: str) -> str:
     h = hashlib.sha256()
-    for part in (hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest(), model_fingerprint, settings_sha256):
+    for part in (prompt_sha256(prompt), model_fingerprint, settings_sha256):
         h.update(part.encode())
         h.update(b"\x1f")
     return h.hexdigest()[:24]
@@ -135,7 +139,7 @@ def score_chunk(
         settings_json = json.dumps(gen_settings, sort_keys=True)
         for (key, prompt), g in zip(to_make, gens, strict=True):
             stored[key] = g
-            made.append(GenerationRow(key, hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest(), lm.fingerprint,
+            made.append(GenerationRow(key, prompt_sha256(prompt), lm.fingerprint,
                                       gen_sha, settings_json, list(g.prompt_ids), list(g.generated_ids), g.text, g.close_index,
                                       run_id))
     distinct = list(dict.fromkeys(keys))

@@ -13,17 +13,23 @@ same key a local generation with these settings would have.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from curation.pipeline.chunk_scoring import ScoreSettings, generation_id, generation_settings, pool_digest, settings_digest
+from curation.pipeline.chunk_scoring import (
+    ScoreSettings,
+    generation_id,
+    generation_settings,
+    pool_digest,
+    prompt_sha256,
+    settings_digest,
+)
 from curation.pipeline.sources import QuarantinedRow
 from curation.pipeline.store import GenerationRow, Store
-from probes.chat import ThinkingFormat, marker_end_index, reasoning_with_close, render_generation_prompt
+from probes.chat import ThinkingFormat, build_completion, marker_end_index, reasoning_with_close, render_generation_prompt
 from probes.models import LoadedModel, context_limit
 from probes.rows import Row
 
@@ -76,9 +82,8 @@ def _check(lm: LoadedModel, row: Row, fmt: ThinkingFormat, settings: ScoreSettin
     if fmt.close_marker in body:
         return f"reasoning already holds the close marker {fmt.close_marker!r} (give the reasoning only)"
     tok = lm.tokenizer
-    text = reasoning_with_close(body, fmt)
-    if settings.judge_answers:
-        text += fmt.after_close + (answer or "").strip() + (tok.eos_token or "")
+    # As the model would have written it: through the answer (and its end) only when generations run that far.
+    text = build_completion(body, answer or "", fmt) + (tok.eos_token or "") if settings.judge_answers else reasoning_with_close(body, fmt)
     prompt_ids = tok.encode(render_generation_prompt(tok, prompt, fmt), add_special_tokens=False)
     generated = tok.encode(text, add_special_tokens=False)
     close = marker_end_index(generated, tok, fmt.close_marker)
@@ -124,7 +129,7 @@ def import_generations(lm: LoadedModel, store: Store, rows: Iterable[Row], fmt: 
                 continue
             prompt, prompt_ids, generated, text, close = checked
             pending.append(GenerationRow(generation_id(prompt, lm.fingerprint, sha),
-                                         hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest(), lm.fingerprint,
+                                         prompt_sha256(prompt), lm.fingerprint,
                                          sha, settings_json, prompt_ids, generated, text, close, run_id))
             if len(pending) >= chunk_size:
                 flush()

@@ -48,7 +48,7 @@ class ProbeTrainSettings:
     seed: int = 0
     layer: int | None = None  # None sweeps every layer
     protocol: str = "behaviour"  # or "reference"
-    judge: str = "substring"  # labels the model's answers (training.judge.make_judge)
+    judge: str = "substring"  # labels the model's answers (training.judges.make_judge)
 
 
 @dataclass
