@@ -12,7 +12,7 @@ listed on stderr and written nowhere: the figures are over the judged rows only.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
@@ -31,15 +31,19 @@ from curation.cli.verb import (
     thinking_format,
 )
 
+if TYPE_CHECKING:
+    from probes.chat import ThinkingFormat
 
-def _answer(row: dict[str, Any], close_marker: str) -> str | None:
+
+def _answer(row: dict[str, Any], fmt: ThinkingFormat) -> str | None:
+    from curation.pipeline.sources import split_response  # imports the tokenizer stack: not at registry load
+
     if isinstance(row.get("answer"), str):
         return row["answer"]
     response = row.get("response")
-    if not isinstance(response, str):
-        return None
-    idx = response.find(close_marker)
-    return response[idx + len(close_marker):].strip() if idx >= 0 else response
+    # The candidates' own rule: the text after the close marker (and after a format's answer header,
+    # harmony's final channel), or the whole response when it has no close marker.
+    return split_response(response, fmt)[1] if isinstance(response, str) else None
 
 
 def run_judge(s: Settings) -> int:
@@ -50,7 +54,7 @@ def run_judge(s: Settings) -> int:
 
     judge = make_judge(s["judge"])
     check_input_file(s["in"], "--in")
-    layout, close = layout_from(s), thinking_format(s).close_marker
+    layout, fmt = layout_from(s), thinking_format(s)
     kept: list[tuple[dict[str, Any], str, str, str | None]] = []  # (row, prompt, answer, label)
     skipped: list[str] = []
     for row in iter_rows(s["in"], "--in"):
@@ -63,7 +67,7 @@ def run_judge(s: Settings) -> int:
                 skipped.append(f"{where}: not an object")
             continue
         mapped = layout.apply(row.value)
-        prompt, answer = mapped.get("prompt"), _answer(mapped, close)
+        prompt, answer = mapped.get("prompt"), _answer(mapped, fmt)
         if not isinstance(prompt, str) or not prompt.strip() or answer is None:
             skipped.append(f"{where}: needs a non-empty 'prompt' and an 'answer' (or a 'response')")
             continue
