@@ -12,6 +12,7 @@ Reasoning models differ in three ways that matter here:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,22 +76,80 @@ def render_generation_prompt(
         messages, tokenize=False, add_generation_prompt=True, **fmt.template_kwargs
     )
     assert isinstance(text, str)
+    plain = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **fmt.template_kwargs)
+    problem = closed_before_thinking(text, str(plain), user_prompt, fmt)
+    if problem:
+        raise ValueError(f"{tokenizer.name_or_path}: {problem}")
     if not text.rstrip().endswith(fmt.open_marker):
         text = text + fmt.open_marker + fmt.after_open
     return text
 
 
-def split_completion(text: str, fmt: ThinkingFormat) -> SplitCompletion:
-    """Cut generated text (everything after the generation prompt) at the close marker."""
+def end_tokens(tokenizer: PreTrainedTokenizerBase, generation_config: Any = None,
+               fmt: ThinkingFormat | None = None) -> tuple[str, ...]:
+    """The strings that end a model's turn, read from the tokenizer and the checkpoint's
+    generation config (never from a list of known names): the EOS token, every id in
+    ``generation_config.eos_token_id`` (gpt-oss: ``<|return|>``, ``<|call|>``; Qwen3:
+    ``<|im_end|>``; Llama 3: ``<|eot_id|>``…) and the pad token, which batched generation
+    writes after a finished row. The thinking markers are never end tokens (harmony's close
+    marker ``<|end|>`` ends a message, not the turn)."""
+    ids: list[int] = []
+    for source in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if isinstance(source, int):
+            ids.append(source)
+        elif isinstance(source, (list, tuple)):
+            ids.extend(int(i) for i in source)
+    markers = {fmt.open_marker, fmt.close_marker} if fmt is not None else set()
+    found: list[str] = []
+    for i in ids:
+        text = tokenizer.convert_ids_to_tokens(int(i))
+        if isinstance(text, str) and text and text not in markers and text not in found:
+            found.append(text)
+    return tuple(found)
+
+
+def _cut_at_end(text: str, ends: Sequence[str]) -> str:
+    """``text`` up to the first end token: whatever follows it (padding, a second end token)
+    is not the model's content."""
+    cut = min((i for i in (text.find(e) for e in ends if e) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def closed_before_thinking(rendered: str, plain: str, user_prompt: str, fmt: ThinkingFormat) -> str | None:
+    """Why a rendered generation prompt would tell the model its thinking is over before it
+    starts: the generation prompt adds a close marker after the user's turn (DeepSeek-V3.1's
+    template without ``thinking=True`` ends in ``</think>``, Qwen3's without ``enable_thinking``
+    in an empty block). ``plain`` is the same conversation without the generation prompt: a
+    close marker that also ends the user's turn there (harmony's ``<|end|>``) is not one.
+    None when the prompt leaves the model free to reason."""
+
+    def after_user(text: str) -> str:
+        at = text.rfind(user_prompt)
+        return text[at + len(user_prompt):] if at >= 0 else text
+
+    tail = after_user(rendered)
+    if tail.count(fmt.close_marker) > after_user(plain).count(fmt.close_marker):
+        kwargs = json.dumps(fmt.template_kwargs) if fmt.template_kwargs else "none"
+        return (f"the chat template closes the thinking block in the generation prompt (ends {tail[-60:]!r}), so the model "
+                f"would be told its thinking is over before it starts; template arguments used: {kwargs}. Set the ones the "
+                "template needs with --chat-template-kwargs (e.g. '{\"thinking\": true}' for DeepSeek-V3.1, "
+                "'{\"enable_thinking\": true}' for Qwen3), or check with curate doctor")
+    return None
+
+
+def split_completion(text: str, fmt: ThinkingFormat, ends: Sequence[str] = ()) -> SplitCompletion:
+    """Cut generated text (everything after the generation prompt) at the close marker; the
+    answer (or unclosed reasoning) ends at the first of ``ends`` (``end_tokens``), so neither
+    is ever judged or trained with the end marker inside it."""
     body = text.lstrip()
     if body.startswith(fmt.open_marker):
         # Some models re-emit the open marker even when the template opened it.
         body = body[len(fmt.open_marker) :]
     idx = body.find(fmt.close_marker)
     if idx < 0:
-        return SplitCompletion(reasoning=body.strip(), answer="", closed=False)
+        return SplitCompletion(reasoning=_cut_at_end(body, ends).strip(), answer="", closed=False)
     reasoning = body[:idx].strip()
-    answer = body[idx + len(fmt.close_marker) :].strip()
+    answer = _cut_at_end(body[idx + len(fmt.close_marker) :], ends).strip()
     header = fmt.after_close.strip()
     if header and answer.startswith(header):
         answer = answer[len(header) :].strip()

@@ -186,8 +186,8 @@ def _refusal_rate(lm: LoadedModel, prompts: Sequence[str], fmt: ThinkingFormat, 
                   settings: DirectionSettings) -> float:
     gens = generate(lm, prompts, fmt, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                     stop_at_close=False)
-    eos = lm.tokenizer.eos_token or "\0"
-    return sum(is_refusal(p, split_completion(g.text.replace(eos, ""), fmt).answer) for p, g in zip(prompts, gens, strict=True)) / len(gens)
+    ends = lm.end_tokens
+    return sum(is_refusal(p, split_completion(g.text, fmt, ends).answer) for p, g in zip(prompts, gens, strict=True)) / len(gens)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ as its detail instead of stopping the others.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict
@@ -29,7 +30,14 @@ from torch import nn
 
 from probes.batching import pad_batch
 from probes.capture import attention_head_layout, find_attention_output, num_layers
-from probes.chat import ThinkingFormat, build_completion, marker_end_index, render_generation_prompt, split_completion
+from probes.chat import (
+    ThinkingFormat,
+    build_completion,
+    closed_before_thinking,
+    marker_end_index,
+    render_generation_prompt,
+    split_completion,
+)
 from probes.doctor_base import ANSWER, PROMPTS, REASONING, CheckResult, DoctorContext, make_check
 from probes.doctor_moe import check_expert_sum, check_router
 from probes.experts import find_moe_layers, scale_expert_routing, shift_expert_outputs
@@ -43,9 +51,10 @@ from probes.steering import ablate_direction, add_vector, orthogonalized
 
 def check_template(ctx: DoctorContext) -> list[CheckResult]:
     tok, fmt = ctx.lm.tokenizer, ctx.fmt
+    opened = check_generation_prompt(tok, fmt)
     prompt = render_generation_prompt(tok, PROMPTS[0], fmt)
     opens = prompt.rstrip().endswith(fmt.open_marker.rstrip())
-    results = [make_check("template renders", "ends inside an open thinking block", float(opens), opens, repr(prompt[-60:]))]
+    results = [opened, make_check("template renders", "ends inside an open thinking block", float(opens), opens, repr(prompt[-60:]))]
     target = build_completion(REASONING, ANSWER, fmt)
     ids = tok.encode(target, add_special_tokens=False)
     close = marker_end_index(ids, tok, fmt.close_marker)
@@ -66,6 +75,37 @@ def check_template(ctx: DoctorContext) -> list[CheckResult]:
         detail = "" if same else f"template writes the turn as {rendered[-120:]!r}"
     results.append(make_check("target round-trips", "prompt + target decode and split back unchanged", float(same), same, detail))
     return results
+
+
+def check_generation_prompt(tok, fmt: ThinkingFormat) -> CheckResult:
+    """The template's own generation prompt (before any open marker is appended) must not close
+    the thinking block after the user's turn. On failure, names the template argument, among
+    those the declared families use, that makes it open."""
+    messages = ([{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []) + [
+        {"role": "user", "content": PROMPTS[0]}]
+
+    def closes(kwargs: dict) -> str | None:
+        gen, plain = (str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=g, **kwargs)) for g in (True, False))
+        return closed_before_thinking(gen, plain, PROMPTS[0], fmt)
+
+    problem = closes(fmt.template_kwargs)
+    if problem is None:
+        return make_check("generation prompt opens thinking", "no close marker after the user's turn", 1.0, True)
+    fixes = [kw for kw in _known_template_kwargs() if closes({**fmt.template_kwargs, **kw}) is None]
+    hint = (f"set --chat-template-kwargs '{json.dumps(fixes[0])}'" if fixes
+            else "no known template argument opens it; pass the template's own with --chat-template-kwargs")
+    return make_check("generation prompt opens thinking", "no close marker after the user's turn", 0.0, False, f"{problem}; {hint}")
+
+
+def _known_template_kwargs() -> list[dict]:
+    from probes.families import FAMILIES
+
+    seen: list[dict] = []
+    for family in FAMILIES.values():
+        kw = dict(family.thinking.template_kwargs)
+        if kw and kw not in seen:
+            seen.append(kw)
+    return seen
 
 
 def _render_turn(tok, fmt: ThinkingFormat) -> str | None:
@@ -216,6 +256,9 @@ def run_doctor(lm: LoadedModel, fmt: ThinkingFormat, *, seed: int = 0,
     """Every check that applies to the model (MoE checks only where it has experts)."""
     family = family_of(lm.model)
     tok = lm.tokenizer
+    opened = check_generation_prompt(tok, fmt)
+    if not opened.passed:  # every later check renders this prompt; it would only repeat the error
+        return [opened]
     encoded = [tok.encode(render_generation_prompt(tok, p, fmt), add_special_tokens=False) for p in PROMPTS]
     input_ids, mask = pad_batch(encoded, tok.pad_token_id or 0, side="right")
     generator = torch.Generator().manual_seed(seed)

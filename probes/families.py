@@ -125,7 +125,10 @@ FAMILIES: dict[str, ModelFamily] = {
                     router=_SOFTMAX_NORM, experts=ExpertSpec()),
         ModelFamily("phi3", ("phi3",), "Phi-4-reasoning, Phi-4-reasoning-plus, Phi-4-mini-reasoning",
                     sampling=(0.8, 0.95)),
-        ModelFamily("deepseek_v3", ("deepseek_v3",), "DeepSeek-R1, DeepSeek-V3 (MLA, shared experts, grouped routing)",
+        # DeepSeek-V3.1's template opens thinking only with thinking=True (without it the generation
+        # prompt ends in </think>); R1's template ignores the argument and always opens it.
+        ModelFamily("deepseek_v3", ("deepseek_v3",), "DeepSeek-R1, DeepSeek-V3.1 (MLA, shared experts, grouped routing)",
+                    thinking=ThinkingFormat(template_kwargs={"thinking": True}),
                     head_dim_key="v_head_dim", sampling=(0.6, 0.95),
                     router=RouterSpec("sigmoid", renormalize="norm_topk_prob", selection_bias="e_score_correction_bias",
                                       groups=("num_group", "topk_group"), scaling_factor="routed_scaling_factor",

@@ -90,7 +90,9 @@ def generate(
     tok = lm.tokenizer
     texts = [render_generation_prompt(tok, p, fmt) for p in prompts]
     encoded = [tok.encode(t, add_special_tokens=False) for t in texts]
-    stops = stop_token_ids(tok, [fmt.close_marker] if stop_at_close else [])
+    # The checkpoint's own end-of-turn ids (generation_config: gpt-oss <|return|>/<|call|>, Llama 3
+    # <|eot_id|>) stop it as well as the tokenizer's EOS.
+    stops = stop_token_ids(tok, ([fmt.close_marker] if stop_at_close else []) + list(lm.end_tokens))
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[Generation | None] = [None] * len(prompts)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]

@@ -58,6 +58,13 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def end_tokens(self) -> tuple[str, ...]:
+        """The strings that end this model's turn (``probes.chat.end_tokens``)."""
+        from probes.chat import end_tokens
+
+        return end_tokens(self.tokenizer, getattr(self.model, "generation_config", None))
+
 
 def model_hidden_size(lm: LoadedModel) -> int:
     return int(lm.model.config.get_text_config().hidden_size)

@@ -197,8 +197,47 @@ def test_family_formats_are_read_from_the_model_directory(tiny_dirs: dict[str, P
     assert family_for_dir(tiny_dirs["qwen3"]).thinking.template_kwargs == {"enable_thinking": True}
     text = build_completion("weigh the request", "a safe answer", HARMONY)
     assert text == "weigh the request<|end|><|start|>assistant<|channel|>final<|message|>a safe answer"
-    split = split_completion(text + "<|return|>".replace("<|return|>", ""), HARMONY)
+    split = split_completion(text + "<|return|>", HARMONY, tiny(tiny_dirs, "gpt_oss").end_tokens)
     assert (split.reasoning, split.answer, split.closed) == ("weigh the request", "a safe answer", True)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_FAMILIES))
+def test_end_tokens_are_read_from_the_checkpoint_and_stripped_from_every_familys_answer(name: str,
+                                                                                        tiny_dirs: dict[str, Path]) -> None:
+    lm = tiny(tiny_dirs, name)
+    fmt = family_of(lm.model).thinking
+    ends = lm.end_tokens
+    assert lm.tokenizer.eos_token in ends and fmt.close_marker not in ends
+    # A completion as the model writes it: reasoning, close, answer, its end-of-turn token, then a
+    # batch's padding. The split gives back exactly the reasoning and the answer.
+    for end in ends:
+        written = build_completion("weigh the request", "a safe answer", fmt) + end + (lm.tokenizer.pad_token or "")
+        split = split_completion(written, fmt, ends)
+        assert (split.reasoning, split.answer, split.closed) == ("weigh the request", "a safe answer", True), end
+    # Reasoning cut by an end token before it closed is unclosed and ends there.
+    assert split_completion("weigh the" + ends[0], fmt, ends).reasoning == "weigh the"
+
+
+def test_gpt_oss_end_tokens_come_from_its_generation_config(tiny_dirs: dict[str, Path]) -> None:
+    ends = tiny(tiny_dirs, "gpt_oss").end_tokens
+    assert {"<|return|>", "<|call|>", "<|endoftext|>"} <= set(ends) and "<|end|>" not in ends
+
+
+def test_a_template_that_closes_thinking_in_the_generation_prompt_is_caught_and_the_fix_named(
+        tiny_dirs: dict[str, Path]) -> None:
+    # DeepSeek-V3.1's template opens thinking only with thinking=True; the family declares it.
+    lm = tiny(tiny_dirs, "deepseek_v3")
+    fmt = family_of(lm.model).thinking
+    assert fmt.template_kwargs == {"thinking": True}
+    from probes.chat import render_generation_prompt
+
+    assert render_generation_prompt(lm.tokenizer, "a question?", fmt).endswith("<｜Assistant｜><think>")
+    without = replace(fmt, template_kwargs={})
+    with pytest.raises(ValueError, match="closes the thinking block"):
+        render_generation_prompt(lm.tokenizer, "a question?", without)
+    results = doctor.run_doctor(lm, without)
+    assert failed(results) == ["generation prompt opens thinking"]
+    assert '{"thinking": true}' in next(r.detail for r in results if not r.passed)
 
 
 @torch.no_grad()

@@ -129,7 +129,7 @@ def evaluate_prompts(
         lm, [i.prompt for i in items], fmt, max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size, stop_at_close=False, on_batch=progress,
     )
-    splits = [split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt) for g in gens]
+    splits = [split_completion(g.text, fmt, lm.end_tokens) for g in gens]
     requests, answers = [i.prompt for i in items], [s.answer for s in splits]
     verdicts = [j.judge_pairs(requests, answers) for j in judges]
     closed = [s.closed for s in splits]

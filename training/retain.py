@@ -45,7 +45,7 @@ def build_retain_set(
                     on_batch=progress)
     written = unclosed = 0
     with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        splits = [split_completion(g.text.replace(lm.tokenizer.eos_token or "\0", ""), fmt) for g in gens]
+        splits = [split_completion(g.text, fmt, lm.end_tokens) for g in gens]
         verdicts = judge.judge_pairs([i.prompt for i in harmless], [s.answer for s in splits])
         for item, split, verdict in zip(harmless, splits, verdicts, strict=True):
             unclosed += not split.closed

@@ -85,9 +85,9 @@ def _answer_sequences(lm: LoadedModel, prompts: Sequence[str], fmt: ThinkingForm
                       judge: Judge) -> list[tuple[list[int], list[int], str]]:
     """(prompt ids, reasoning-and-close ids, own answer) for prompts the model answers."""
     gens = generate(lm, prompts, fmt, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size, stop_at_close=False)
-    eos = lm.tokenizer.eos_token or "\0"
+    ends = lm.end_tokens
     out = []
-    splits = [split_completion(g.text.replace(eos, ""), fmt) for g in gens]
+    splits = [split_completion(g.text, fmt, ends) for g in gens]
     for g, split, verdict in zip(gens, splits, judge.judge_pairs(list(prompts), [s.answer for s in splits]), strict=True):
         if split.closed and verdict == "compliance":
             prefix = lm.tokenizer.encode(reasoning_with_close(split.reasoning, fmt) + fmt.after_close, add_special_tokens=False)

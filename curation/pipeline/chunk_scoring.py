@@ -148,7 +148,8 @@ def score_chunk(
     traces = dict(zip(distinct, probe_traces(lm, probe, [spans[k].sequence for k in distinct], [spans[k].span for k in distinct],
                                              batch_size=settings.batch_size), strict=True))
     judge = make_judge(settings.judge) if settings.judge_answers else None
-    splits = [split_completion(stored[key].text.replace(lm.tokenizer.eos_token or "\0", ""), fmt) for key in keys]
+    ends = lm.end_tokens
+    splits = [split_completion(stored[key].text, fmt, ends) for key in keys]
     verdicts = judge.judge_pairs([r.prompt for r in chunk], [s.answer for s in splits]) if judge else [None] * len(chunk)
     rows: list[ScoreRow | GenerationRow] = []
     for record, key, split, verdict in zip(chunk, keys, splits, verdicts, strict=True):

@@ -95,7 +95,8 @@ def train_probe_for_model(
     labels: list[int] = []
     skipped = unclosed = 0
     close_len = len(lm.tokenizer.encode(fmt.close_marker, add_special_tokens=False))
-    verdicts = judge.judge_pairs([p.prompt for p in prompts], [split_completion(g.text, fmt).answer for g in gens])
+    ends = lm.end_tokens
+    verdicts = judge.judge_pairs([p.prompt for p in prompts], [split_completion(g.text, fmt, ends).answer for g in gens])
     for item, g, verdict in zip(prompts, gens, verdicts, strict=True):
         if g.close_index is None or verdict in ("no_answer", "unparsed"):
             skipped += 1

@@ -42,6 +42,8 @@ class TinyFamily:
     pad: str
     special: tuple[str, ...]
     sliding: bool = False
+    # The checkpoint's generation_config.eos_token_id, where it lists several (gpt-oss: <|return|>, <|call|>).
+    end_of_turn: tuple[str, ...] = ()
 
 
 _COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -71,7 +73,8 @@ TINY_FAMILIES: dict[str, TinyFamily] = {f.name: f for f in (
     TinyFamily("gpt_oss", lambda v, s: tf.GptOssConfig(**{**_COMMON, "intermediate_size": 64}, head_dim=16, num_local_experts=8,
                                                        num_experts_per_tok=2, sliding_window=8,
                                                        **_ids(v, s, "<|startoftext|>", "<|return|>", "<|endoftext|>")),
-               "harmony.jinja", "<|startoftext|>", "<|return|>", "<|endoftext|>", _HARMONY, sliding=True),
+               "harmony.jinja", "<|startoftext|>", "<|return|>", "<|endoftext|>", _HARMONY, sliding=True,
+               end_of_turn=("<|return|>", "<|call|>")),
     TinyFamily("mixtral", lambda v, s: tf.MixtralConfig(**_COMMON, num_local_experts=8, num_experts_per_tok=2,
                                                         **_ids(v, s, "<s>", "</s>", "</s>")),
                "mistral_inst.jinja", "<s>", "</s>", "</s>", ("<s>", "</s>")),
@@ -86,7 +89,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {f.name: f for f in (
         n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, head_dim=8, routed_scaling_factor=2.5,
         norm_topk_prob=True, **_ids(v, s, _DEEPSEEK_TOKENS[0], _DEEPSEEK_TOKENS[1], _DEEPSEEK_TOKENS[1])),
-        "deepseek_r1.jinja", _DEEPSEEK_TOKENS[0], _DEEPSEEK_TOKENS[1], _DEEPSEEK_TOKENS[1], _DEEPSEEK_TOKENS),
+        "deepseek_v31.jinja", _DEEPSEEK_TOKENS[0], _DEEPSEEK_TOKENS[1], _DEEPSEEK_TOKENS[1], _DEEPSEEK_TOKENS),
 )}
 
 
@@ -133,7 +136,8 @@ def build_tiny_family(name: str, out: str | Path, *, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomise_routers(model, torch.Generator().manual_seed(seed))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = ([tokenizer.convert_tokens_to_ids(t) for t in family.end_of_turn]
+                                            if family.end_of_turn else tokenizer.eos_token_id)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
