@@ -72,8 +72,13 @@ def _run_stages(cfg: list[str], model: Path, fmt, tmp_path: Path, capsys: pytest
     assert main([*cfg, "doctor", "--model", str(model), "--dtype", "float32", "--json"]) == 0, capsys.readouterr().out
     capsys.readouterr()
     pool = tmp_path / "pool.jsonl"
+    from probes.models import load_model
+
+    end = load_model(model).end_tokens[0]
     pool.write_text("".join(json.dumps({"id": f"c{i}", "prompt": p, "category": "demo",
-                                        "response": build_completion(f"Thinking about {p.lower()}", "A short, safe answer.", fmt)})
+                                        # as the model writes it: its own end-of-turn token last
+                                        "response": build_completion(f"Thinking about {p.lower()}", "A short, safe answer.", fmt)
+                                        + end})
                             + "\n" for i, p in enumerate(PROMPTS)))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "harmful": i % 2 == 0, "category": "demo"}) + "\n"
@@ -86,6 +91,13 @@ def _run_stages(cfg: list[str], model: Path, fmt, tmp_path: Path, capsys: pytest
     assert main([*cfg, "select", "--db", str(db), "--out", str(slice_file), "--budget", "3", "--include-unclosed"]) == 0
     selected = [json.loads(line) for line in slice_file.read_text().splitlines()]
     assert len(selected) == 3
+    # The candidates' own targets, split in the format the store recorded for the pool (no --model
+    # given): the reasoning and the answer come back as written, with the end token gone.
+    candidate_slice = tmp_path / "candidate.jsonl"
+    assert main([*cfg, "select", "--db", str(db), "--out", str(candidate_slice), "--budget", "3", "--include-unclosed",
+                 "--target", "candidate"]) == 0
+    for row in map(json.loads, candidate_slice.read_text().splitlines()):
+        assert (row["reasoning"], row["answer"]) == (f"Thinking about {row['prompt'].lower()}", "A short, safe answer."), row
     assert main([*cfg, "finetune", "--model", str(model), "--data", str(slice_file), "--out", str(adapter),
                  "--epochs", "1", "--dtype", "float32", "--device", "cpu"]) == 0
     assert (adapter / "adapter_model.safetensors").exists()

@@ -30,6 +30,7 @@ from curation.cli.verb import (
     warn_unclosed,
 )
 from curation.pipeline.select import STRATEGIES
+from probes.chat import ThinkingFormat
 
 
 def run_score(s: Settings) -> int:
@@ -148,13 +149,21 @@ SCORE_VERB = Verb("score", "score candidate examples by the refusal cliff into D
     outputs=(Output("--db", appends=True), Output("--shard-dir", folder=True, appends=True)), inputs=("--model", "--probe", "--data"))
 
 
+def given_format(s: Settings) -> ThinkingFormat | None:
+    """The format named on the command line (--model's family, the marker flags), or None when
+    none was: the store's record of the pool's format then decides."""
+    # A recipe's model may be a hub name (no directory here): it names no format select can read.
+    named = bool(s.get("model")) and Path(s["model"]).is_dir()
+    return thinking_format(s) if named or s.get("think_open") or s.get("think_close") else None
+
+
 def run_select(s: Settings) -> int:
     from curation.pipeline.select import export_selection
     from curation.pipeline.store import Store
 
     with Store(s["db"], read_only=True, on_wait=lambda m: console.print(m, soft_wrap=True, markup=False)) as store:
         m = export_selection(store, s["out"], strategy=s["strategy"], budget_text=s["budget"], seed=s["seed"],
-                             target=s["target"], fmt=thinking_format(s), model_fingerprint=s["model_fingerprint"], probe_id=s["probe_id"],
+                             target=s["target"], fmt=given_format(s), model_fingerprint=s["model_fingerprint"], probe_id=s["probe_id"],
                              out_format=s["out_format"], include_unclosed=s["include_unclosed"],
                              settings_sha256=s["generation_settings"])
     out_console.print(f"selected {m.n_selected} of {m.n_pool} ({m.strategy}, budget {m.budget}) -> {m.output} ({m.out_format}); "
@@ -181,6 +190,8 @@ SELECT_VERB = Verb("select", "select a budgeted slice and export it as training 
                "as curate status and score --json show it; default: the most recently scored)"),
         Option("--model-fingerprint", str, None, "which model's scores (default: most recent)"),
         Option("--probe-id", str, None, "which probe's scores (default: most recent)"),
+        Option("--model", str, None, "the model directory that scored the pool: its family's format, for a pool whose "
+               "store recorded none (a recorded one must agree; no weights are loaded)"),
 ] + MARKER_OPTIONS, run_select,
     outputs=(Output("--out", folder_when=("out_format", "hf")),), inputs=("--db",))
 
@@ -193,7 +204,7 @@ def run_run(s: Settings) -> int:
 
     if s["reproduce"]:
         out = s["reproduce_out"] or str(Path(s["reproduce"]).with_name("reproduced_selection.jsonl"))
-        result = reproduce(s["reproduce"], out, thinking_format(s))
+        result = reproduce(s["reproduce"], out, given_format(s))
         out_console.print(f"{'identical' if result['identical'] else 'DIFFERENT'}: {result['n_selected']} rows -> {out}")
         return 0 if result["identical"] else 1
     sources = s["sources"] if isinstance(s["sources"], list) else [x.strip() for x in (s["sources"] or "").split(",") if x.strip()]

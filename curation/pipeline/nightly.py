@@ -132,7 +132,7 @@ def run_nightly(lm: LoadedModel, probe: RefusalProbe, cfg: NightlySettings, fmt:
     return resolved
 
 
-def reproduce(resolved_path: str | Path, out: str | Path, fmt: ThinkingFormat) -> dict[str, Any]:
+def reproduce(resolved_path: str | Path, out: str | Path, fmt: ThinkingFormat | None) -> dict[str, Any]:
     """Re-select a past night's slice from its store and compare it with the original."""
     resolved, sel = _read_resolved(resolved_path)
     as_of = datetime.fromisoformat(sel["as_of"]) if sel.get("as_of") else None

@@ -125,13 +125,15 @@ def score_records(
     holds the real model elsewhere (Ray actors).
     """
     probe.check_model(lm.fingerprint, model_hidden_size(lm))
+    check_budget(lm, fmt, settings)
     engine = engine or LocalEngine(lm, probe, fmt, settings)
     run_id = run_id or uuid.uuid4().hex[:12]
     gen_settings = generation_settings(lm, fmt, settings)
     gen_sha, pool_sha = settings_digest(gen_settings), pool_digest(gen_settings)
     store.start_run(run_id, "score", {"settings": settings.__dict__, "generation_settings": gen_settings,
                                       "generation_settings_sha256": pool_sha, "engine": type(engine).__name__,
-                                      "inputs": list(inputs)}, lm.fingerprint, probe.probe_id)
+                                      "inputs": list(inputs), "completion_format": completion_format(lm, fmt)},
+                    lm.fingerprint, probe.probe_id)
     counts = {"candidates": 0, "new_examples": 0, "already_scored": 0, "scored": 0, "unclosed": 0, "over_context": 0,
               "quarantined": 0, "quarantined_new": 0, "generated": 0, "reused_generations": 0}
     status = "failed"
@@ -203,6 +205,43 @@ def _chunks(items: Iterable[CandidateRecord | QuarantinedRow], size: int) -> Ite
             chunk = []
     if chunk:
         yield chunk
+
+
+class BudgetSettingsError(ValueError):
+    """The generation budgets cannot fit the model's context for any prompt: a bad setting,
+    not a bad row, so nothing is quarantined."""
+
+
+def check_budget(lm: LoadedModel, fmt: ThinkingFormat, settings: ScoreSettings) -> None:
+    """Refuse, before anything is generated or quarantined, budgets that leave no room for a prompt:
+    the template's own tokens around the shortest user text plus --max-new-tokens (and --answer-tokens
+    with --judge-answers) must fit the model's context. Rows are only set aside for their own length."""
+    limit = context_limit(lm)
+    if limit is None:
+        return
+    overhead = len(lm.tokenizer.encode(render_generation_prompt(lm.tokenizer, "?", fmt), add_special_tokens=False))
+    answer = settings.answer_tokens if settings.judge_answers else 0
+    if overhead + settings.max_new_tokens + answer <= limit:
+        return
+    flags = f"--max-new-tokens {settings.max_new_tokens}" + (f" + --answer-tokens {answer}" if answer else "")
+    room = limit - overhead - answer
+    raise BudgetSettingsError(
+        f"{flags} does not fit the model's context of {limit} tokens (max_position_embeddings in {lm.path}/config.json): "
+        f"the chat template alone takes {overhead} tokens, so even an empty prompt would be set aside. "
+        + (f"Lower --max-new-tokens to at most {room} (less the longest prompt's tokens)." if room > 0
+           else "Lower --answer-tokens and --max-new-tokens.") + " Nothing was generated or quarantined.")
+
+
+def completion_format(lm: LoadedModel, fmt: ThinkingFormat) -> dict[str, Any]:
+    """What every later verb needs to read this run's completions as the model wrote them: the
+    family, its thinking format (markers, separators, template arguments) and the end tokens."""
+    from probes.families import UnsupportedModelError, family_of
+
+    try:
+        family: str | None = family_of(lm.model).name
+    except UnsupportedModelError:
+        family = None
+    return {"family": family, "thinking": asdict(fmt), "end_tokens": list(lm.end_tokens)}
 
 
 def _within_context(

@@ -4,7 +4,8 @@ training pairs with a manifest that says exactly how it was made."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -186,16 +187,16 @@ def export_selection(
     recipe); ``target="candidate"`` keeps the candidate's own response. Non-finite scores are
     never selected; unclosed reasoning only with ``include_unclosed``; the manifest counts both.
     """
-    fmt = fmt or ThinkingFormat()
     budget = parse_budget(budget_text)
     fp, pid, settings = choose_pool(store, model_fingerprint, probe_id, settings_sha256)
     pool = select_rows(store, strategy, budget, seed, fp, pid, as_of, include_unclosed, settings)
     rows, n_pool, scores_hash = pool.rows, pool.n_pool, pool.scores_hash
+    fmt, ends = pool_completion_format(store, fp, settings, fmt, [r[2] for r in rows])
     ids = [r[0] for r in rows]
     out = Path(out)
     records = []
     for rank, (example_id, prompt, response, category, source, ms, own_reasoning) in enumerate(rows):
-        cand_reasoning, answer = split_response(response, fmt)
+        cand_reasoning, answer = split_response(response, fmt, ends)
         records.append({
             "id": example_id,
             "prompt": prompt,
@@ -234,6 +235,52 @@ def export_selection(
     manifest_path = manifest_path_for(out)
     write_json_atomic(manifest_path, asdict(manifest))
     return manifest
+
+
+class FormatMismatchError(ValueError):
+    """The format given on the command line is not the one the pool was scored in."""
+
+
+def pool_completion_format(store: Store, model_fingerprint: str, settings_sha256: str, given: ThinkingFormat | None,
+                           responses: Sequence[str]) -> tuple[ThinkingFormat, tuple[str, ...]]:
+    """The (thinking format, end tokens) to read the pool's responses in: the one its scoring run
+    recorded in the store. ``given`` (from --model or the marker flags) stands in where the store
+    recorded none, and must agree with a recorded one. With neither, the default ``<think>`` split is
+    used only where it round-trips: a response written in another family's format is an error."""
+    recorded = store.pool_format(model_fingerprint, settings_sha256)
+    if recorded is not None:
+        fmt = ThinkingFormat(**{k: v for k, v in recorded["thinking"].items() if k in _FORMAT_FIELDS})
+        if given is not None and (given.open_marker, given.close_marker, given.after_close) != (
+                fmt.open_marker, fmt.close_marker, fmt.after_close):
+            raise FormatMismatchError(
+                f"the pool (model {model_fingerprint}, settings {settings_sha256[:12]}) was scored in the format "
+                f"{fmt.open_marker!r}…{fmt.close_marker!r} ({recorded.get('family') or 'family not recorded'}), but --model / "
+                f"--think-open / --think-close give {given.open_marker!r}…{given.close_marker!r}; drop the flags to use the "
+                "recorded format, or select the pool that model scored (--model-fingerprint)")
+        return fmt, tuple(recorded.get("end_tokens") or ())
+    if given is not None:
+        return given, ()
+    default = ThinkingFormat()
+    for family_fmt in _known_formats():
+        if family_fmt.close_marker == default.close_marker:
+            continue
+        hit = next((i for i, r in enumerate(responses) if family_fmt.open_marker in r or family_fmt.after_close.strip() and
+                    family_fmt.after_close.strip() in r), None)
+        if hit is not None:
+            raise FormatMismatchError(
+                f"the pool's format is not recorded in {store.path} (scored before it was), and selected response "
+                f"{hit + 1} is written in another format ({family_fmt.open_marker!r}…{family_fmt.close_marker!r}), which "
+                "the default <think> split would read wrongly; pass --model DIR (the model that scored it)")
+    return default, ()
+
+
+_FORMAT_FIELDS = {f.name for f in fields(ThinkingFormat)}
+
+
+def _known_formats() -> list[ThinkingFormat]:
+    from probes.families import FAMILIES
+
+    return list({(f.thinking.open_marker, f.thinking.close_marker): f.thinking for f in FAMILIES.values()}.values())
 
 
 def manifest_path_for(out: str | Path) -> Path:

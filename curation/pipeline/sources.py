@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,13 +64,13 @@ def content_id(prompt: str, response: str) -> str:
     return h.hexdigest()[:20]
 
 
-def split_response(response: str, fmt: ThinkingFormat) -> tuple[str, str]:
+def split_response(response: str, fmt: ThinkingFormat, ends: Sequence[str] = ()) -> tuple[str, str]:
     """(reasoning, answer) of a candidate's response; without a close marker the
-    whole response is the answer."""
+    whole response is the answer. The answer ends at the first of ``ends`` (the model's end tokens)."""
     idx = response.find(fmt.close_marker)
     if idx < 0:
-        return "", response.strip()
-    split = split_completion(response, fmt)
+        return "", split_completion(fmt.close_marker + response, fmt, ends).answer
+    split = split_completion(response, fmt, ends)
     return split.reasoning.replace(fmt.open_marker, "").strip(), split.answer
 
 

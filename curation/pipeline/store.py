@@ -438,6 +438,25 @@ class Store:
             ).fetchall()
         ]
 
+    def pool_format(self, model_fingerprint: str, settings_sha256: str) -> dict[str, Any] | None:
+        """How the pool's completions are written (family, thinking format, end tokens), as the
+        newest run that scored or imported it recorded it; for a pool scored before runs recorded
+        it, the thinking format from its generations' settings (no end tokens known). None when
+        neither says."""
+        row = self.con.execute(
+            "SELECT json_extract(params, '$.completion_format') FROM runs WHERE model_fingerprint = ? "
+            "AND json_extract_string(params, '$.generation_settings_sha256') = ? "
+            "AND json_extract(params, '$.completion_format') IS NOT NULL ORDER BY started_at DESC LIMIT 1",
+            [model_fingerprint, settings_sha256]).fetchone()
+        if row and row[0]:
+            return json.loads(row[0])
+        row = self.con.execute(
+            "SELECT json_extract(g.settings, '$.format') FROM scores s JOIN generations g ON s.generation_id = g.generation_id "
+            "WHERE s.model_fingerprint = ? AND s.settings_sha256 = ? LIMIT 1", [model_fingerprint, settings_sha256]).fetchone()
+        if row and row[0]:
+            return {"family": None, "thinking": json.loads(row[0]), "end_tokens": []}
+        return None
+
     # Orderings a selection may use; fixed strings, never user input, because
     # they are spliced into ORDER BY (values always travel as parameters).
     _ORDERS = {
