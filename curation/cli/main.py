@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -100,7 +101,17 @@ def _one_line(exc: BaseException) -> str:
     return escape(text if len(text) <= 2000 else text[:2000] + " …")  # a message may hold [brackets]: never markup
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) unwinds like Ctrl-C: every cleanup that runs on
+    an interrupt (temporary files, open runs marked failed, the writer lock) runs on it too."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread (curate called from a worker thread): leave signals alone
+        pass
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "run" and not argv[1].startswith("-"):
         argv = ["--config", argv[1], "run", *argv[2:]]  # curate run MANIFEST [flags]

@@ -774,7 +774,10 @@ def _checked_path(path: str | Path, read_only: bool) -> Path:
 def _writer_lock(path: Path) -> IO[str]:
     """An exclusive lock for the one writer, taken at once or refused, never waited for: a
     nightly job that silently queues behind a stuck one hides the problem."""
-    lock_path = path.with_name(path.name + ".lock")
+    # Named from the resolved file: a symlink (or a relative path) to the same store must contend
+    # for the same lock, or two writers run at once on one file.
+    real = Path(os.path.realpath(path))
+    lock_path = real.with_name(real.name + ".lock")
     fh = lock_path.open("a+", encoding="utf-8")
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
