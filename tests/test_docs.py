@@ -102,3 +102,13 @@ def test_every_topic_page_exists_opens_with_what_it_holds_and_is_indexed() -> No
         assert lines[1].startswith("What you will find here:"), page.name
         assert f"]({topic}.md)" in index, topic
     assert (ROOT / "docs" / "img" / "cliff.png").stat().st_size > 10_000
+
+
+def test_stage_times_read_in_pipeline_order() -> None:
+    from training.report import stage_times_in_order
+
+    seconds = {"total": 9.0, "select": 1.0, "evaluate after": 2.0, "LoRA fine-tune": 3.0, "score pool": 4.0,
+               "train probe": 5.0, "build organism": 6.0, "evaluate before": 7.0, "retain set": 8.0}
+    assert [k for k, _ in stage_times_in_order(seconds)] == [
+        "build organism", "train probe", "score pool", "select", "retain set", "LoRA fine-tune", "evaluate before",
+        "evaluate after", "total"]
