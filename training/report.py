@@ -101,6 +101,20 @@ def plot_asr(rows: dict[str, tuple[float | None, float | None]]) -> str:
     return png_base64(fig)
 
 
+# The pipeline's order (generate -> probe -> score -> select -> finetune -> evaluate), so a
+# report reads stage times as the job ran them, never alphabetically.
+PIPELINE_ORDER = ("build organism", "generate", "train probe", "probe", "score pool", "score", "select", "retain set",
+                  "retain", "LoRA fine-tune", "finetune", "evaluate before", "evaluate", "evaluate after")
+
+
+def stage_times_in_order(seconds: dict[str, float]) -> list[tuple[str, float]]:
+    """Known stages in pipeline order, then any others as recorded, ``total`` last."""
+    rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+    rest = [k for k in seconds if k != "total"]
+    ordered = sorted(rest, key=lambda k: (rank.get(k, len(rank)), rest.index(k)))
+    return [(k, seconds[k]) for k in ordered] + ([("total", seconds["total"])] if "total" in seconds else [])
+
+
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)

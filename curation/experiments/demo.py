@@ -262,7 +262,7 @@ def _write_html(root: Path, result: dict[str, Any], traces, highlight: set[str])
             [[r["layer"], r["heldout_accuracy"], r["heldout_auroc"], r["span_gap"], r["C"]] for r in result["probe"]["sweep"]],
             ["layer", "held-out accuracy", "held-out AUROC", "span gap", "C"]) + f"<p>kept layer {result['probe']['layer']}</p>"),
         ("Artifacts", rpt.table(sorted(result["paths"].items()), ["artifact", "path"])),
-        ("Stage times (s)", rpt.table(sorted(result["seconds"].items()), ["stage", "seconds"])),
+        ("Stage times (s)", rpt.table(rpt.stage_times_in_order(result["seconds"]), ["stage", "seconds"])),
     ]
     rpt.write_html_report(root / "report.html", "cliff-curate demo report", sections)
 
@@ -284,4 +284,5 @@ def _print_summary(console: Console, result: dict[str, Any]) -> None:
         f"selected {sel['n_selected']} of {sel['n_pool']} ({sel['budget']}, strategy {sel['strategy']}); "
         f"{pct(sel['share_from_suppressed'])} from the suppressed areas (they are {pct(sel['pool_share_suppressed'])} of the pool)"
     )
+    console.print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in rpt.stage_times_in_order(result["seconds"])))
     console.print(f"report: {result['paths']['report_html']}  json: {Path(result['paths']['report_html']).with_name('report.json')}")
