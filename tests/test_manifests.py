@@ -94,3 +94,14 @@ def test_broken_recipes_fail(tmp_path: Path, lm: LoadedModel) -> None:
     tok.chat_template = QWEN3_STYLE
     text = render_generation_prompt(tok, "Is it safe?", thinking_format(raw))
     assert "</think>" in text  # what test_manifest_chat_template_opens_exactly_one_thinking_block rejects
+
+
+def test_a_manifest_without_a_recipe_block_is_valid_and_a_broken_one_names_the_key(tmp_path: Path) -> None:
+    plain = tmp_path / "nightly.yaml"
+    plain.write_text("run:\n  budget: 1.7%\n  max_new_tokens: 128\n")
+    manifest, _ = validate_manifest(plain)
+    assert manifest.recipe is None
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("recipe:\n  name: x\n  description: y\nrun:\n  budget: 1.7%\n")
+    with pytest.raises(ValueError, match=r"'recipe\.architecture': field required\. A recipe block looks like:"):
+        validate_manifest(broken)

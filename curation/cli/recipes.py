@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from curation.cli.options import Option, convert_value, parse_bool, read_yaml_mapping
 from curation.cli.registry import VERBS
@@ -36,7 +36,13 @@ class RecipeInfo(BaseModel):
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    recipe: RecipeInfo
+    # Optional: a manifest that only sets options (a nightly job on a model directory) needs no
+    # recipe; the model's own family then gives the format.
+    recipe: RecipeInfo | None = None
+
+
+_RECIPE_EXAMPLE = ("recipe:\n  name: my-run\n  description: what this runs\n  architecture: Qwen3ForCausalLM\n"
+                   "  template_opens_thinking: false")
 
 
 def _options_by_section() -> dict[str, dict[str, Option]]:
@@ -47,13 +53,20 @@ def validate_manifest(path: str | Path) -> tuple[Manifest, dict[str, Any]]:
     """Parse and check a recipe; returns it and its raw mapping. Errors name the key."""
     path = Path(path)
     raw = read_yaml_mapping(path, "recipe")
-    manifest = Manifest.model_validate(raw)
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{path}: '{where}': {first['msg'].lower()}. A recipe block looks like:\n{_RECIPE_EXAMPLE}\n"
+                         "(or leave the whole 'recipe' block out: it is optional)") from None
     from probes.families import UnsupportedModelError, family_for_architecture
 
-    try:
-        family_for_architecture(manifest.recipe.architecture)
-    except UnsupportedModelError as exc:
-        raise ValueError(f"{path}: recipe.architecture: {exc}") from None
+    if manifest.recipe is not None:
+        try:
+            family_for_architecture(manifest.recipe.architecture)
+        except UnsupportedModelError as exc:
+            raise ValueError(f"{path}: recipe.architecture: {exc}") from None
     sections = _options_by_section()
     all_options: dict[str, Option] = {}
     for opts in sections.values():
@@ -100,7 +113,17 @@ def thinking_format(raw: dict[str, Any], section: str = "score"):
 
     merged = {**{k: v for k, v in raw.items() if not isinstance(v, dict) or k == "chat_template_kwargs"},
               **raw.get(section, {})}
-    fmt = family_for_architecture(raw["recipe"]["architecture"]).thinking
+    from probes.chat import ThinkingFormat
+    from probes.families import family_for_dir
+
+    recipe = raw.get("recipe")
+    model = merged.get("model")
+    if isinstance(recipe, dict) and recipe.get("architecture"):
+        fmt = family_for_architecture(recipe["architecture"]).thinking
+    elif isinstance(model, str) and Path(model, "config.json").is_file():
+        fmt = family_for_dir(model).thinking
+    else:
+        fmt = ThinkingFormat()
     changes = {field: merged[key] for key, field in (("think_open", "open_marker"), ("think_close", "close_marker"),
                                                       ("system_prompt", "system_prompt")) if merged.get(key)}
     if merged.get("chat_template_kwargs") is not None:
