@@ -92,8 +92,9 @@ def test_broken_recipes_fail(tmp_path: Path, lm: LoadedModel) -> None:
     manifest, raw = validate_manifest(off)
     tok = AutoTokenizer.from_pretrained(lm.path)
     tok.chat_template = QWEN3_STYLE
-    text = render_generation_prompt(tok, "Is it safe?", thinking_format(raw))
-    assert "</think>" in text  # what test_manifest_chat_template_opens_exactly_one_thinking_block rejects
+    # The render itself refuses, naming the kwarg that fixes it, before any generation.
+    with pytest.raises(ValueError, match=r"closes the thinking block.*enable_thinking"):
+        render_generation_prompt(tok, "Is it safe?", thinking_format(raw))
 
 
 def test_a_manifest_without_a_recipe_block_is_valid_and_a_broken_one_names_the_key(tmp_path: Path) -> None:
