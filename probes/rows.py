@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,25 @@ JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 CSV_SUFFIXES = {".csv"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 _BATCH = 1024
+_BOM = b"\xef\xbb\xbf"
+# A row longer than this is quarantined as soon as it is read, before anything tokenises it: one
+# 50 MB line would otherwise cost a minute and gigabytes before the context check turned it away.
+ROW_BYTES_ENV = "CURATE_MAX_ROW_BYTES"
+DEFAULT_MAX_ROW_BYTES = 4 * 1024 * 1024
+
+
+def max_row_bytes() -> int:
+    """The raw row size limit: ``CURATE_MAX_ROW_BYTES`` (bytes) or 4 MiB."""
+    text = os.environ.get(ROW_BYTES_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_ROW_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{ROW_BYTES_ENV}={text!r}: expected a number of bytes, e.g. 4194304") from None
+    if value < 1024:
+        raise ValueError(f"{ROW_BYTES_ENV}={value}: at least 1024 bytes")
+    return value
 # One csv field may be long (a reasoning trace) but not unbounded.
 csv.field_size_limit(min(sys.maxsize, 64 * 1024 * 1024))
 
@@ -112,9 +132,33 @@ def parse_json_line(raw: str) -> tuple[Any, str | None]:
         return None, f"unreadable JSON value: {' '.join(str(exc).split())[:200]}"
 
 
+def _oversized(fh: Any, head: bytes, limit: int) -> int:
+    """Skip the rest of a line longer than the limit, in bounded chunks; its full size in bytes."""
+    size = len(head)
+    while not head.endswith(b"\n"):
+        head = fh.readline(1024 * 1024)
+        if not head:
+            break
+        size += len(head)
+    return size
+
+
 def _jsonl_rows(path: Path) -> Iterator[Row]:
+    limit = max_row_bytes()
     with path.open("rb") as fh:
-        for lineno, line in enumerate(fh, start=1):
+        lineno = 0
+        while True:
+            line = fh.readline(limit + 1)
+            if not line:
+                return
+            lineno += 1
+            if lineno == 1 and line.startswith(_BOM):
+                line = line[len(_BOM):]  # a byte-order mark is an encoding detail, not part of row 1
+            if len(line.rstrip(b"\r\n")) > limit:
+                size = _oversized(fh, line, limit)
+                yield Row(str(path), lineno, None, f"row is {size} bytes, over the {limit}-byte limit "
+                          f"({ROW_BYTES_ENV} raises it)", line[:2000].decode("utf-8", "replace"))
+                continue
             raw_bytes = line.rstrip(b"\r\n")
             if not raw_bytes.strip():
                 continue
@@ -130,7 +174,9 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
 
 def _csv_rows(path: Path) -> Iterator[Row]:
     # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate in that row only, found below.
-    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    limit = max_row_bytes()
+    # utf-8-sig: a byte-order mark is stripped instead of becoming part of the first column's name.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
         while True:
             start = reader.line_num + 1
@@ -142,6 +188,10 @@ def _csv_rows(path: Path) -> Iterator[Row]:
                 yield Row(str(path), start, None, f"malformed CSV: {exc}", "")
                 continue
             raw = ",".join(str(v) for v in row.values())
+            if len(raw) > limit:
+                yield Row(str(path), start, None, f"row is {len(raw)} characters, over the {limit}-byte limit "
+                          f"({ROW_BYTES_ENV} raises it)", raw[:2000].encode("utf-8", "replace").decode("utf-8"))
+                continue
             if any(isinstance(v, str) and has_surrogate(v) for v in row.values()) or None in row:
                 why = "not UTF-8" if None not in row else "more fields than the header"
                 yield Row(str(path), start, None, why, raw.encode("utf-8", "replace").decode("utf-8"))

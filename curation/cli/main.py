@@ -27,7 +27,7 @@ from curation.cli.progress import configure
 from curation.cli.recipes import validate_manifest
 from curation.cli.registry import VERBS
 from curation.cli.verb import Settings, Verb, console
-from probes.outputs import OutputSpec, check_outputs, mark_output
+from probes.outputs import OutputSpec, check_outputs, mark_output, mark_path
 
 # Failures a user can cause and fix: one line naming the file, row or flag, exit 2.
 EXPECTED = (ValueError, OSError, RuntimeError, duckdb.Error, SafetensorError)
@@ -79,6 +79,26 @@ def _check_outputs(verb: Verb, s: Settings) -> list[OutputSpec]:
     return replaced
 
 
+def _claim_files(specs: list[OutputSpec], verb: str) -> list[tuple[Path, Path]]:
+    """Mark every file output as ours *before* the verb writes it: an export cut off between
+    renaming its output into place and writing the mark (a signal, a full disk) would otherwise
+    leave a file that its own rerun refuses as someone else's. Folders are marked after the run
+    (the mark lives inside them)."""
+    claimed: list[tuple[Path, Path]] = []
+    for spec in specs:
+        if not spec.path or spec.folder:
+            continue
+        path = Path(spec.path)
+        if path.is_dir() or not path.parent.is_dir():
+            continue
+        try:
+            mark_output(path, verb)
+        except OSError:
+            continue  # an unwritable folder: the verb's own write reports it, with the path
+        claimed.append((mark_path(path), path))
+    return claimed
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -125,7 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb.validates_recipe and args.config:
             validate_manifest(args.config)
         replaced = _check_outputs(verb, settings)
-        code = verb.run(settings)
+        claimed = _claim_files(replaced, verb.name)
+        try:
+            code = verb.run(settings)
+        finally:
+            # A claim for a file the run never wrote is dropped; one for a partial file stays, so that
+            # the same command can rerun over its own leftovers without --force.
+            for mark, path in claimed:
+                if not path.exists():
+                    mark.unlink(missing_ok=True)
         for spec in replaced:
             if spec.path and Path(spec.path).exists():
                 mark_output(spec.path, verb.name)

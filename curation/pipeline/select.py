@@ -4,11 +4,12 @@ training pairs with a manifest that says exactly how it was made."""
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from curation.pipeline.slice_out import card_path, content_sha256, write_card, write_slice
 from curation.pipeline.sources import split_response
@@ -207,6 +208,27 @@ def export_selection(
             "misalignment": ms,
             "rank": rank,
         })
+    manifest_path = manifest_path_for(out)
+    written = [out, card_path(out, out_format), manifest_path]
+    try:
+        manifest = _export(store, records, ids, out, out_format, manifest_path, strategy=strategy, budget=budget,
+                           seed=seed, n_pool=n_pool, fp=fp, pid=pid, target=target, scores_hash=scores_hash, as_of=as_of,
+                           include_unclosed=include_unclosed, pool=pool, settings=settings)
+    except BaseException:
+        # Whole or not at all: a signal or a full disk between the slice, its card and its manifest
+        # leaves none of them (a slice without its manifest cannot be trusted nor reproduced).
+        for path in written:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    return manifest
+
+
+def _export(store: Store, records: list[dict[str, Any]], ids: list[str], out: Path, out_format: str, manifest_path: Path,
+            *, strategy: str, budget: Any, seed: int, n_pool: int, fp: str, pid: str, target: str, scores_hash: str,
+            as_of: datetime | None, include_unclosed: bool, pool: Any, settings: str | None) -> SelectionManifest:
     write_slice(records, out, out_format)
     manifest = SelectionManifest(
         strategy=strategy,
@@ -232,7 +254,6 @@ def export_selection(
     )
     write_card(out, out_format, asdict(manifest), records, store.misalignment_quantiles(fp, pid, as_of, settings),
                store.score_inputs(fp, pid))
-    manifest_path = manifest_path_for(out)
     write_json_atomic(manifest_path, asdict(manifest))
     return manifest
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from collections.abc import Sequence
@@ -85,6 +86,23 @@ def _quantiles(values: Sequence[float]) -> list[float | None]:
     return [finite[min(len(finite) - 1, round(q * (len(finite) - 1)))] for q in (0, 0.25, 0.5, 0.75, 1)]
 
 
+def _cell(value: Any, limit: int = 200) -> str:
+    """A table cell from untrusted text (a category, a file name): one line, no column break, no
+    markup or HTML, bounded, so a hostile value cannot reshape the card."""
+    text = " ".join(str(value).split())
+    text = text[:limit] + ("…" if len(text) > limit else "")
+    for raw, safe in (("\\", "\\\\"), ("|", "\\|"), ("`", "'"), ("<", "&lt;"), (">", "&gt;"), ("[", "\\["), ("]", "\\]"),
+                      ("*", "\\*"), ("_", "\\_")):
+        text = text.replace(raw, safe)
+    return text
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any backtick run in the text, so the text cannot close it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
 def write_card(out: Path, out_format: str, manifest: dict[str, Any], records: Sequence[dict[str, Any]],
                pool_quantiles: Sequence[float | None], inputs: Sequence[dict[str, Any]]) -> Path:
     """The dataset card; every number in it comes from ``manifest``, the records or the store."""
@@ -94,6 +112,8 @@ def write_card(out: Path, out_format: str, manifest: dict[str, Any], records: Se
     def fmt(v: float | None) -> str:
         return "—" if v is None else f"{v:.4f}"
 
+    manifest_json = json.dumps({k: v for k, v in manifest.items() if k != "ids"}, indent=2, default=str)
+    fence = _fence(manifest_json)
     lines = [
         "---",
         "pretty_name: cliff-curate selection",
@@ -120,14 +140,14 @@ def write_card(out: Path, out_format: str, manifest: dict[str, Any], records: Se
         "",
         "| file | sha256 |",
         "| --- | --- |",
-        *[f"| `{i['path']}` | `{i['sha256']}` |" for i in inputs],
+        *[f"| {_cell(i['path'], 400)} | {_cell(i['sha256'])} |" for i in inputs],
         *(["| (not recorded: scored before sources were hashed) | |"] if not inputs else []),
         "",
         "## Counts per category",
         "",
         "| category | rows |",
         "| --- | --- |",
-        *[f"| {name} | {n} |" for name, n in sorted(per_category.items())],
+        *[f"| {_cell(name)} | {n} |" for name, n in sorted(per_category.items())],
         "",
         "## Score distribution (misalignment)",
         "",
@@ -138,9 +158,9 @@ def write_card(out: Path, out_format: str, manifest: dict[str, Any], records: Se
         "",
         "## Selection manifest",
         "",
-        "```json",
-        json.dumps({k: v for k, v in manifest.items() if k != "ids"}, indent=2, default=str),
-        "```",
+        f"{fence}json",
+        manifest_json,
+        fence,
         "",
     ]
     path = card_path(out, out_format)
