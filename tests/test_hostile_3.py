@@ -138,3 +138,61 @@ def test_a_hostile_category_cannot_reshape_the_card(tmp_path):
     row = next(line for line in card.splitlines() if "injected" in line)
     assert row.count(" | ") == 1 and row.startswith("| a \\| b")  # still one two-column row
     assert "````json" in card  # the manifest's own ``` cannot close its fence
+
+
+def test_the_importer_stores_only_what_it_was_asked_to(organism_dir, candidates, tmp_path, capsys):
+    """Declared identity is checked; one prompt twice with different reasoning is quarantined (both
+    rows); a later import with other reasoning is counted and kept as stored unless --replace."""
+    import hashlib
+    import json
+
+    from curation.cli.main import main
+
+    prompts = sorted({json.loads(line)["prompt"] for line in candidates.read_text().splitlines()})[:4]
+
+    def gen(p, text="I should think about whether this is safe.", **extra):
+        return {"prompt": p, "reasoning": f"{text} ({p[:20]})", **extra}
+
+    rows = [
+        gen(prompts[0]),
+        gen(prompts[1], model_fingerprint="someone-elses-model"),
+        gen(prompts[2], settings={"dtype": "bfloat16"}),
+        gen(prompts[3]), gen(prompts[3], text="Other reasoning entirely."),  # same prompt, different content
+        gen(prompts[0]),  # the same row twice: stored once
+    ]
+    data = tmp_path / "g.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = tmp_path / "s.duckdb"
+    args = ["generations", "import", "--model", str(organism_dir), "--db", str(db), "--max-new-tokens", "48", "--json"]
+    assert main([*args, "--data", str(data)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["n_imported"], summary["n_already_stored"], summary["n_quarantined"]) == (1, 1, 4)
+    with duckdb_ro(db) as con:
+        reasons = [r[0] for r in con.execute("SELECT reason FROM quarantine ORDER BY line").fetchall()]
+        texts = [r[0] for r in con.execute("SELECT text FROM generations").fetchall()]
+        assert con.execute("SELECT count(*), count(DISTINCT generation_id) FROM generations").fetchone() == (1, 1)
+    assert "model_fingerprint='someone-elses-model'" in reasons[0] and "dtype='bfloat16'" in reasons[1]
+    assert sum("more than once in this import with different reasoning" in r for r in reasons) == 2
+    assert len(texts) == 1 and prompts[0][:20] in texts[0]
+    before = hashlib.sha256(texts[0].encode()).hexdigest()
+    # Later, other reasoning for the stored prompt: counted, kept as stored; --replace stores it.
+    later = tmp_path / "later.jsonl"
+    later.write_text(json.dumps(gen(prompts[0], text="Revised reasoning.")) + "\n")
+    assert main([*args, "--data", str(later)]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["n_conflicting"] == 1 and summary["n_imported"] == 0 and "--replace" in captured.err
+    with duckdb_ro(db) as con:
+        assert hashlib.sha256(con.execute("SELECT text FROM generations").fetchone()[0].encode()).hexdigest() == before
+    assert main([*args, "--data", str(later), "--replace"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_replaced"] == 1
+    with duckdb_ro(db) as con:
+        assert con.execute("SELECT count(*) FROM generations").fetchone()[0] == 1
+        assert con.execute("SELECT text FROM generations").fetchone()[0].startswith("Revised reasoning.")
+
+
+def duckdb_ro(db):
+    import duckdb
+
+    return duckdb.connect(str(db), read_only=True)

@@ -6,13 +6,21 @@ Each row is checked against the model it will be scored on: the prompt renders
 with the model's template, the reasoning is written in the family's format (the
 close marker appended, as the model would write it) and tokenises so that the
 close marker is found, it fits the reasoning budget and the context, and the
-settings the row declares (if any) are the ones the import declares. A row that
-does not fit is quarantined with its reason; the others are stored under the
-same key a local generation with these settings would have.
+settings the row declares (if any) are the ones the import declares: decoding
+and budget, and also the model fingerprint, the dtype and the chat template's
+digest, since those are part of the key it is stored under. A row that does not
+fit is quarantined with its reason; the others are stored under the same key a
+local generation with these settings would have.
+
+One prompt twice in a file with different reasoning: both rows are quarantined
+(which one is the model's is not ours to guess); the same row twice is stored
+once. A prompt already stored with different reasoning is kept as stored and
+counted (``n_conflicting``); ``--replace`` stores the imported one instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Iterable
@@ -45,6 +53,8 @@ class ImportSummary:
     n_already_stored: int
     n_quarantined: int
     settings_sha256: str
+    n_conflicting: int = 0  # stored with other reasoning: kept as stored unless --replace
+    n_replaced: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,8 +62,15 @@ class ImportSummary:
 
 def _expected(lm: LoadedModel, settings: ScoreSettings) -> dict[str, Any]:
     s = lm.sampling
+    template = lm.tokenizer.chat_template
     return {"max_new_tokens": settings.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-            "seed": s.seed}
+            "seed": s.seed, "model_fingerprint": lm.fingerprint,
+            "dtype": str(next(iter(lm.model.parameters())).dtype).removeprefix("torch."),
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None}
+
+
+# Identity a row may declare at its top level as well as under "settings".
+_IDENTITY = ("model_fingerprint", "dtype", "chat_template_sha256")
 
 
 def _check(lm: LoadedModel, row: Row, fmt: ThinkingFormat, settings: ScoreSettings,
@@ -78,6 +95,11 @@ def _check(lm: LoadedModel, row: Row, fmt: ThinkingFormat, settings: ScoreSettin
     for key in _DECLARED:
         if key in declared and declared[key] != expected[key]:
             return f"generated with {key}={declared[key]!r}, but this import declares {key}={expected[key]!r}"
+    for key in _IDENTITY:
+        for where, given in (("row", value), ("settings", declared)):
+            if key in given and str(given[key]).removeprefix("torch.") != str(expected[key]):
+                return (f"declares {key}={given[key]!r} ({where}), but it would be stored under this model's "
+                        f"{key}={expected[key]!r}; import it with the model it was generated with")
     body = reasoning.strip().removeprefix(fmt.open_marker).strip()
     if fmt.close_marker in body:
         return f"reasoning already holds the close marker {fmt.close_marker!r} (give the reasoning only)"
@@ -98,7 +120,7 @@ def _check(lm: LoadedModel, row: Row, fmt: ThinkingFormat, settings: ScoreSettin
 
 
 def import_generations(lm: LoadedModel, store: Store, rows: Iterable[Row], fmt: ThinkingFormat, settings: ScoreSettings,
-                       *, chunk_size: int = 256) -> ImportSummary:
+                       *, chunk_size: int = 256, replace: bool = False) -> ImportSummary:
     """Check and store every row; bad rows go to the quarantine with their file, row and reason."""
     run_id = uuid.uuid4().hex[:12]
     values = generation_settings(lm, fmt, settings)
@@ -107,35 +129,69 @@ def import_generations(lm: LoadedModel, store: Store, rows: Iterable[Row], fmt: 
     expected = _expected(lm, settings)
     store.start_run(run_id, "generations import", {"generation_settings": values, "generation_settings_sha256": sha},
                     lm.fingerprint)
-    counts = {"rows": 0, "imported": 0, "already": 0, "quarantined": 0}
+    counts = {"rows": 0, "imported": 0, "already": 0, "quarantined": 0, "conflicting": 0, "replaced": 0}
     status = "failed"
-    pending: list[GenerationRow] = []
+    pending: dict[str, GenerationRow] = {}
+    # Per prompt seen in this import: its text's digest, where it was, and whether it is already out.
+    seen: dict[str, dict[str, Any]] = {}
 
     def flush() -> None:
-        known = store.stored_generations([g.generation_id for g in pending])
-        fresh = list({g.generation_id: g for g in pending if g.generation_id not in known}.values())
+        chunk = list(pending.values())
+        pending.clear()
+        known = store.stored_generations([g.generation_id for g in chunk])
+        fresh = [g for g in chunk if g.generation_id not in known]
+        other = [g for g in chunk if g.generation_id in known and known[g.generation_id].text != g.text]
+        counts["already"] += len(chunk) - len(fresh) - len(other)
+        counts["conflicting"] += len(other)
+        if replace and other:
+            store.replace_generations(other)
+            counts["replaced"] += len(other)
         store.add_generations(fresh)
         counts["imported"] += len(fresh)
-        counts["already"] += len(pending) - len(fresh)
-        pending.clear()
+        for g in fresh:
+            seen[g.generation_id]["stored"] = True
+
+    def quarantine(file: str, locator: int, why: str, raw: str) -> None:
+        counts["quarantined"] += 1
+        store.add_quarantine([QuarantinedRow(file, locator, why, raw)], run_id)
 
     try:
         for row in rows:
             counts["rows"] += 1
             checked = _check(lm, row, fmt, settings, expected)
             if isinstance(checked, str):
-                counts["quarantined"] += 1
-                store.add_quarantine([QuarantinedRow(row.file, row.locator, checked, row.raw[:2000])], run_id)
+                quarantine(row.file, row.locator, checked, row.raw[:2000])
                 continue
             prompt, prompt_ids, generated, text, close = checked
-            pending.append(GenerationRow(generation_id(prompt, lm.fingerprint, sha),
-                                         prompt_sha256(prompt), lm.fingerprint,
-                                         sha, settings_json, prompt_ids, generated, text, close, run_id))
-            if len(pending) >= chunk_size:
-                flush()
+            gid = generation_id(prompt, lm.fingerprint, sha)
+            digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            first = seen.get(gid)
+            if first is None:
+                seen[gid] = {"sha": digest, "file": row.file, "line": row.locator, "raw": row.raw[:2000], "stored": False,
+                             "out": False}
+                pending[gid] = GenerationRow(gid, prompt_sha256(prompt), lm.fingerprint, sha, settings_json, prompt_ids,
+                                             generated, text, close, run_id)
+                if len(pending) >= chunk_size:
+                    flush()
+                continue
+            if first["sha"] == digest and not first["out"]:
+                counts["already"] += 1  # the same row twice: stored once
+                continue
+            # One prompt, different reasoning: which one is the model's is not ours to guess, so neither is kept.
+            why = (f"the same prompt is given more than once in this import with different reasoning "
+                   f"(first at row {first['line']}, again at row {row.locator})")
+            quarantine(row.file, row.locator, why, row.raw[:2000])
+            if not first["out"]:
+                first["out"] = True
+                pending.pop(gid, None)
+                if first["stored"]:
+                    store.delete_generations([gid], run_id)
+                    counts["imported"] -= 1
+                quarantine(first["file"], first["line"], why, first["raw"])
         flush()
         status = "done"
     finally:
         store.finish_run(run_id, dict(counts), status)
     # Reported as the pool the imported generations will be scored into (what score --json shows).
-    return ImportSummary(run_id, counts["rows"], counts["imported"], counts["already"], counts["quarantined"], pool_digest(values))
+    return ImportSummary(run_id, counts["rows"], counts["imported"], counts["already"], counts["quarantined"], pool_digest(values),
+                         counts["conflicting"], counts["replaced"])

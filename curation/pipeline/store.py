@@ -416,6 +416,19 @@ class Store:
                    "run_id": "VARCHAR"},
         )
 
+    def replace_generations(self, rows: Sequence[GenerationRow]) -> None:
+        """Store these generations in place of the ones stored under the same ids (``--replace``)."""
+        if not rows:
+            return
+        self.con.execute("DELETE FROM generations WHERE generation_id IN (SELECT unnest(?))", [[g.generation_id for g in rows]])
+        self.add_generations(rows)
+
+    def delete_generations(self, generation_ids: Sequence[str], run_id: str) -> None:
+        """Remove generations that the run ``run_id`` stored (an import taking back a row it found doubtful)."""
+        if generation_ids:
+            self.con.execute("DELETE FROM generations WHERE generation_id IN (SELECT unnest(?)) AND run_id = ?",
+                             [list(generation_ids), run_id])
+
     def _insert_rows(self, verb: str, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
                      casts: dict[str, str] | None = None) -> None:
         """Insert many rows in one statement: each column travels as one list parameter and is
