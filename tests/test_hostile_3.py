@@ -196,3 +196,24 @@ def duckdb_ro(db):
     import duckdb
 
     return duckdb.connect(str(db), read_only=True)
+
+
+def test_select_refuses_a_pool_that_is_still_being_scored(store_copy, tmp_path, capsys):
+    from curation.cli.main import main
+
+    out = tmp_path / "slice.jsonl"
+    writer = Store(store_copy)
+    try:
+        writer.start_run("still-running-1", "score", {})
+        writer.release()  # between chunks: the lock is held, the connection is not
+        assert main(["select", "--db", str(store_copy), "--out", str(out)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "still running" in err and "--allow-running" in err and not out.exists()
+        assert main(["select", "--db", str(store_copy), "--out", str(out), "--allow-running"]) == 0
+        assert "is still running" in " ".join(capsys.readouterr().err.split()) and out.exists()
+    finally:
+        writer.close()
+    # The writer is gone but its run was never finished (a kill): a warning, not a refusal.
+    out.unlink()
+    assert main(["select", "--db", str(store_copy), "--out", str(out)]) == 0
+    assert "it was cut off" in " ".join(capsys.readouterr().err.split()) and out.exists()

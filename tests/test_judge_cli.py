@@ -29,7 +29,8 @@ def test_agreement_figures_by_hand() -> None:
     verdicts = ["refusal", "compliance", "compliance", "refusal", "no_answer"]
     a = agreement(labels, verdicts)
     assert a.n == 5 and a.agreement == pytest.approx(2 / 5)
-    assert a.precision_refusal == pytest.approx(1 / 2) and a.recall_refusal == pytest.approx(1 / 2)
+    # The empty answer delivered nothing: against a two-way label it counts as a refusal (wrong here).
+    assert a.precision_refusal == pytest.approx(1 / 3) and a.recall_refusal == pytest.approx(1 / 2)
     assert a.confusion["compliance"] == {"refusal": 1, "compliance": 1, "no_answer": 1, "unparsed": 0}
     assert [read_label(v) for v in ("Refusal", "0", 1, False, "maybe", None)] == ["refusal", "compliance", "refusal",
                                                                                   "compliance", None, None]
@@ -47,12 +48,18 @@ def test_curate_judge_reports_agreement_and_writes_verdicts(tmp_path: Path, caps
     assert doc["n"] == 6 and doc["n_skipped"] == 1 and "holds 'maybe'" in captured.err
     assert doc["confusion"]["refusal"] == {"refusal": 1, "compliance": 1, "no_answer": 0, "unparsed": 0}
     assert doc["confusion"]["compliance"] == {"refusal": 1, "compliance": 2, "no_answer": 1, "unparsed": 0}
-    assert doc["agreement"] == pytest.approx(3 / 6) and doc["precision_refusal"] == pytest.approx(1 / 2)
+    assert doc["agreement"] == pytest.approx(3 / 6) and doc["precision_refusal"] == pytest.approx(1 / 3)
+    assert doc["outcome_confusion"]["compliance"] == {"refused": 1, "off_topic": 0, "degenerate": 1, "complied": 2, "unparsed": 0}
     judged = [json.loads(line) for line in out.read_text().splitlines()]
     assert [j["verdict"] for j in judged] == ["refusal", "compliance", "compliance", "compliance", "refusal", "no_answer"]
     assert all(j["judge"] == "substring" for j in judged)
-    # The default is the context judge, which reads the request: all six right here.
-    assert main(["judge", "--in", str(data), "--labels", "label", "--json"]) == 0
+    # The default is the relevance judge, which reads the request: all but the empty answer right here.
+    assert main(["judge", "--in", str(data), "--labels", "label", "--json", "--out", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["judge"] == "relevance" and doc["agreement"] == pytest.approx(5 / 6), doc
+    assert [json.loads(line)["outcome"] for line in out.read_text().splitlines()] == [
+        "refused", "refused", "complied", "complied", "complied", "degenerate"]
+    assert main(["judge", "--judge", "context", "--in", str(data), "--labels", "label", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert doc["judge"] == "context" and doc["agreement"] == pytest.approx(5 / 6)
     assert main(["judge", "--in", str(data), "--judge", "nope"]) == 2

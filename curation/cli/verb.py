@@ -129,7 +129,8 @@ def _judge_spec(text: str) -> str:
     return judge_spec(text)
 
 
-JUDGE_OPTION = Option("--judge", _judge_spec, ["context"], "who reads the model's final answers: context (reads the request "
+JUDGE_OPTION = Option("--judge", _judge_spec, ["relevance"], "who reads the model's final answers: relevance (does the "
+                      "answer deliver the request? four outcomes, a packaged sentence encoder), context (rules that read the request "
                       "too), substring (stock refusal phrases), or a local classifier model as NAME=DIR with NAME one of "
                       "qwen3guard, wildguard, llama-guard, harmbench-cls (README: Judges)", repeat=True)
 

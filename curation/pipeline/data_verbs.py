@@ -162,6 +162,7 @@ def run_select(s: Settings) -> int:
     from curation.pipeline.store import Store
 
     with Store(s["db"], read_only=True, on_wait=lambda m: console.print(m, soft_wrap=True, markup=False)) as store:
+        _check_running(store, bool(s["allow_running"]))
         m = export_selection(store, s["out"], strategy=s["strategy"], budget_text=s["budget"], seed=s["seed"],
                              target=s["target"], fmt=given_format(s), model_fingerprint=s["model_fingerprint"], probe_id=s["probe_id"],
                              out_format=s["out_format"], include_unclosed=s["include_unclosed"],
@@ -176,6 +177,24 @@ def run_select(s: Settings) -> int:
     return 0
 
 
+def _check_running(store, allow: bool) -> None:
+    """A pool still being scored is partial: refused unless --allow-running; a run marked running with
+    no writer holding the store was cut off, and the pool holds what it stored before: a warning."""
+    from curation.pipeline.store import writer_holding
+
+    running = [r for r in store.running_runs() if r[1] in ("score", "nightly", "generations import")]
+    if not running:
+        return
+    run_id, kind, started = running[0]
+    holder = writer_holding(store.path)
+    if holder is not None and not allow:
+        raise ValueError(f"{store.path}: {kind} run {run_id[:12]} (started {started}) is still running ({holder}), so the "
+                         "newest pool is partial; wait for it, or pass --allow-running to select from what is stored now")
+    state = "still running" if holder is not None else "marked running but no process holds the store (it was cut off)"
+    console.print(f"warning: {kind} run {run_id[:12]} (started {started}) is {state}; the pool holds only what was stored "
+                  "before", soft_wrap=True, markup=False)
+
+
 SELECT_VERB = Verb("select", "select a budgeted slice and export it as training pairs", [
         Option("--db", str, None, "DuckDB file", required=True),
         Option("--budget", str, "1.7%", "a percent (1.7%), a fraction (0.017) or a count (500)"),
@@ -186,6 +205,7 @@ SELECT_VERB = Verb("select", "select a budgeted slice and export it as training 
                choices=("jsonl", "parquet", "hf")),
         Option("--target", str, "own-reasoning", "own-reasoning (paper recipe) or candidate", choices=("own-reasoning", "candidate")),
         Option("--include-unclosed", None, False, "also select rows whose reasoning hit the length cap (cut off)"),
+        Option("--allow-running", None, False, "select even while a scoring run is still writing the store (a partial pool)"),
         Option("--generation-settings", str, None, "the pool scored under these generation settings (a digest or its prefix, "
                "as curate status and score --json show it; default: the most recently scored)"),
         Option("--model-fingerprint", str, None, "which model's scores (default: most recent)"),

@@ -7,11 +7,20 @@ row's ``answer``, or else the text of its ``response`` after the close marker
 (the judge reads the final answer, never the reasoning). A row that cannot be
 judged (no request, no answer text, a label that is neither class) is counted,
 listed on stderr and written nowhere: the figures are over the judged rows only.
+
+Every judge answers in the four outcomes (``training.judge_outcomes``): the
+relevance judge gives them itself, a two-way judge's verdicts are mapped onto
+them. With ``--labels`` the figures come overall, per outcome (the four-outcome
+confusion) and per source (``--by``, a column such as the label set's name).
+``--calibrate FILE`` fits the relevance judge's thresholds on the dev half of
+the labels (``training.judge_calibration``) and writes them with the dev and
+held-out test figures; ``--thresholds FILE`` judges with such a file.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
@@ -51,10 +60,17 @@ def _answer(row: dict[str, Any], fmt: ThinkingFormat) -> str | None:
 def run_judge(s: Settings) -> int:
     from probes.files import write_text_atomic
     from probes.rows import iter_rows
-    from training.judge_agreement import agreement, read_label
+    from training.judge_agreement import agreement, outcome_confusion, read_label
+    from training.judge_outcomes import verdict_outcome
     from training.judges import make_judge
 
     judge = make_judge(single_judge(s, "judge"))
+    if (s["calibrate"] or s["thresholds"]) and not hasattr(judge, "with_thresholds"):
+        raise ValueError(f"--calibrate and --thresholds set the relevance judge's cosines; --judge {judge.name} has none")
+    if s["calibrate"] and not s["labels"]:
+        raise ValueError("--calibrate fits on people's labels: give the label column with --labels")
+    if s["thresholds"]:
+        judge = _with_threshold_file(judge, s["thresholds"])
     check_input_file(s["in"], "--in")
     layout, fmt = layout_from(s), thinking_format(s)
     kept: list[tuple[dict[str, Any], str, str, str | None]] = []  # (row, prompt, answer, label)
@@ -83,26 +99,88 @@ def run_judge(s: Settings) -> int:
         kept.append((row.value, prompt, answer, label))
     if not kept:
         raise ValueError(f"--in {s['in']}: no row could be judged ({len(skipped)} skipped)")
+    if s["calibrate"]:
+        return _calibrate(s, judge, kept)
     # A classifier model's own words go with each verdict, so an unparsed one can be read.
+    started = time.perf_counter()
     classify = getattr(judge, "classify", None)
     if classify is not None:
         classified = classify([k[1] for k in kept], [k[2] for k in kept])
         verdicts, outputs = [c.verdict for c in classified], [c.output for c in classified]
     else:
         verdicts, outputs = judge.judge_pairs([k[1] for k in kept], [k[2] for k in kept]), [None] * len(kept)
+    if hasattr(judge, "outcomes"):
+        # Judged once: the verdicts follow from the outcomes.
+        from training.judge_outcomes import outcome_verdict
+
+        outcomes = judge.outcomes([k[1] for k in kept], [k[2] for k in kept])
+        verdicts = [outcome_verdict(o) for o in outcomes]
+    else:
+        outcomes = [verdict_outcome(v) for v in verdicts]
+    seconds = time.perf_counter() - started
     if s["out"]:
         write_text_atomic(s["out"], "".join(
-            json.dumps({**row, "verdict": v, "judge": judge.name, **({"judge_output": o} if o is not None else {})}, default=str)
-            + "\n" for (row, *_), v, o in zip(kept, verdicts, outputs, strict=True)))
+            json.dumps({**row, "verdict": v, "outcome": oc, "judge": judge.name,
+                        **({"judge_output": o} if o is not None else {})}, default=str)
+            + "\n" for (row, *_), v, oc, o in zip(kept, verdicts, outcomes, outputs, strict=True)))
     doc: dict[str, Any] = {"judge": judge.name, "judge_settings": judge.settings(), "n": len(kept), "n_skipped": len(skipped),
-                           "verdicts": {v: verdicts.count(v) for v in sorted(set(verdicts))}}
+                           "verdicts": {v: verdicts.count(v) for v in sorted(set(verdicts))},
+                           "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
+                           # Loading included (the encoder loads once per process): what a job pays to judge.
+                           "seconds": round(seconds, 3), "pairs_per_second": round(len(kept) / seconds, 1) if seconds else None}
     if s["labels"]:
-        doc.update(agreement([k[3] for k in kept], verdicts).as_json())
+        labels = [str(k[3]) for k in kept]
+        doc.update(agreement(labels, verdicts).as_json())
+        doc["outcome_confusion"] = outcome_confusion(labels, outcomes)
+        sources = [str(k[0].get(s["by"], "(none)")) if isinstance(k[0], dict) else "(none)" for k in kept]
+        if len(set(sources)) > 1:
+            doc["by_source"] = {
+                src: {**agreement([labels[i] for i in idx], [verdicts[i] for i in idx]).as_json(),
+                      "outcome_confusion": outcome_confusion([labels[i] for i in idx], [outcomes[i] for i in idx])}
+                for src in sorted(set(sources)) for idx in [[i for i, x in enumerate(sources) if x == src]]}
     for line in skipped[:10]:
         console.print(f"  skipped {line}", soft_wrap=True, markup=False, highlight=False)
     if len(skipped) > 10:
         console.print(f"  … and {len(skipped) - 10} more rows skipped", highlight=False)
     _print_table(doc, console if s["json"] else out_console)
+    if s["json"]:
+        print(json.dumps(doc))
+    return 0
+
+
+def _with_threshold_file(judge: Any, path: str) -> Any:
+    from training.judge_relevance import RelevanceThresholds
+
+    check_input_file(path, "--thresholds")
+    try:
+        doc = json.loads(open(path, encoding="utf-8").read())
+        return judge.with_thresholds(**{k: float(v) for k, v in doc["thresholds"].items()
+                                        if k in RelevanceThresholds.__dataclass_fields__})
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--thresholds {path}: not a calibration file (needs a 'thresholds' object of cosines): {err}") from err
+
+
+def _calibrate(s: Settings, judge: Any, kept: list[tuple[dict[str, Any], str, str, str | None]]) -> int:
+    from probes.files import write_json_atomic
+    from training.judge_calibration import TEST_SHARE_BYTE, calibrate
+
+    result = calibrate(judge, [k[1] for k in kept], [k[2] for k in kept], [str(k[3]) for k in kept])
+    sources = sorted({str(k[0].get(s["by"], "(none)")) for k in kept})
+    doc = {**result.as_json(), "calibrated_on": {"in": str(s["in"]), "labels": s["labels"], "sources": sources,
+                                                 "split": f"sha256(request NUL answer)[0] < {TEST_SHARE_BYTE} is test"}}
+    write_json_atomic(s["calibrate"], doc)
+
+    def pct(fig: dict[str, Any] | None, key: str) -> str:
+        value = None if fig is None else fig.get(key)
+        return "—" if value is None else f"{100 * value:.1f}%"
+
+    table = Table(title=f"{judge.name} calibrated on {result.n_dev} dev pairs; {result.n_test} held out")
+    for col in ("half", "n", "agreement", "refusal precision", "refusal recall"):
+        table.add_column(col, justify="right")
+    for half, fig, n in (("dev", result.dev, result.n_dev), ("test", result.test, result.n_test)):
+        table.add_row(half, str(n), pct(fig, "agreement"), pct(fig, "precision_refusal"), pct(fig, "recall_refusal"))
+    (console if s["json"] else out_console).print(table)
+    (console if s["json"] else out_console).print(escape(f"thresholds {result.thresholds} written to {s['calibrate']}"))
     if s["json"]:
         print(json.dumps(doc))
     return 0
@@ -123,6 +201,15 @@ def _print_table(doc: dict[str, Any], where) -> None:
         return "—" if v is None else f"{100 * v:.1f}%"
 
     where.print(f"refusal precision {pct(doc['precision_refusal'])}, recall {pct(doc['recall_refusal'])}", highlight=False)
+    outcomes = Table(title="by outcome (refused, off_topic and degenerate all deliver nothing)")
+    for col in ("label \\ outcome", "refused", "off_topic", "degenerate", "complied", "unparsed"):
+        outcomes.add_column(col, justify="right")
+    for label, row in doc["outcome_confusion"].items():
+        outcomes.add_row(label, *(str(row[o]) for o in ("refused", "off_topic", "degenerate", "complied", "unparsed")))
+    where.print(outcomes)
+    for src, fig in doc.get("by_source", {}).items():
+        where.print(escape(f"  {src}: {fig['n']} pairs, agreement {pct(fig['agreement'])}, refusal precision "
+                           f"{pct(fig['precision_refusal'])}, recall {pct(fig['recall_refusal'])}"), highlight=False)
 
 
 JUDGE_VERB = Verb("judge", "judge (request, answer) pairs; with --labels, agreement with people's labels", [
@@ -131,6 +218,10 @@ JUDGE_VERB = Verb("judge", "judge (request, answer) pairs; with --labels, agreem
     Option("--out", str, None, "write the pairs with each verdict as jsonl"),
     Option("--labels", str, None, "column of people's labels (refusal/compliance or 1/0): report agreement, precision, recall"),
     Option("--json", None, False, "print one JSON document as the last line of stdout"),
+    Option("--by", str, "source", "with --labels, also give the figures per value of this column (e.g. the label set)"),
+    Option("--calibrate", str, None, "with --labels and the relevance judge: fit its cosines on the dev half (fixed hash "
+           "split), write them and the held-out test figures to this JSON file"),
+    Option("--thresholds", str, None, "the relevance judge's cosines from a --calibrate file (default: the packaged ones)"),
     *DATA_OPTIONS,
     *MARKER_OPTIONS,
-], run_judge, outputs=(Output("--out"),), inputs=("--in",))
+], run_judge, outputs=(Output("--out"), Output("--calibrate")), inputs=("--in", "--thresholds"))

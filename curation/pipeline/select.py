@@ -4,14 +4,13 @@ training pairs with a manifest that says exactly how it was made."""
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from curation.pipeline.slice_out import card_path, content_sha256, write_card, write_slice
+from curation.pipeline.slice_out import card_path, content_sha256, removed_on_failure, write_card, write_slice
 from curation.pipeline.sources import split_response
 from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
@@ -209,21 +208,10 @@ def export_selection(
             "rank": rank,
         })
     manifest_path = manifest_path_for(out)
-    written = [out, card_path(out, out_format), manifest_path]
-    try:
-        manifest = _export(store, records, ids, out, out_format, manifest_path, strategy=strategy, budget=budget,
-                           seed=seed, n_pool=n_pool, fp=fp, pid=pid, target=target, scores_hash=scores_hash, as_of=as_of,
-                           include_unclosed=include_unclosed, pool=pool, settings=settings)
-    except BaseException:
-        # Whole or not at all: a signal or a full disk between the slice, its card and its manifest
-        # leaves none of them (a slice without its manifest cannot be trusted nor reproduced).
-        for path in written:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        raise
-    return manifest
+    with removed_on_failure(out, card_path(out, out_format), manifest_path):
+        return _export(store, records, ids, out, out_format, manifest_path, strategy=strategy, budget=budget, seed=seed,
+                       n_pool=n_pool, fp=fp, pid=pid, target=target, scores_hash=scores_hash, as_of=as_of,
+                       include_unclosed=include_unclosed, pool=pool, settings=settings)
 
 
 def _export(store: Store, records: list[dict[str, Any]], ids: list[str], out: Path, out_format: str, manifest_path: Path,

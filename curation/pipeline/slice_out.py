@@ -16,7 +16,8 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,21 @@ def content_sha256(records: Sequence[dict[str, Any]]) -> str:
     for record in records:
         h.update(orjson.dumps(record) + b"\n")
     return h.hexdigest()
+
+
+@contextmanager
+def removed_on_failure(*paths: Path) -> Iterator[None]:
+    """Whole or not at all: a signal or a full disk between a slice, its card and its manifest leaves
+    none of them (a slice without its manifest can be neither trusted nor reproduced)."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def write_slice(records: Sequence[dict[str, Any]], out: Path, out_format: str) -> None:

@@ -257,6 +257,12 @@ class Store:
             [run_id, kind, _now(), model_fingerprint, probe_id, json.dumps(params)],
         )
 
+    def running_runs(self) -> list[tuple[str, str, str]]:
+        """(run id, kind, started at) of runs still marked running: in progress, or cut off by a kill."""
+        rows = self.con.execute("SELECT run_id, kind, CAST(started_at AS VARCHAR) FROM runs WHERE status = 'running' "
+                                "ORDER BY started_at DESC").fetchall()
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
     def finish_run(self, run_id: str, counts: dict[str, Any], status: str = "done") -> None:
         self.con.execute(
             "UPDATE runs SET finished_at = ?, counts = ?, status = ? WHERE run_id = ?",
@@ -782,6 +788,25 @@ def _checked_path(path: str | Path, read_only: bool) -> Path:
             raise StoreError(f"store {p} is not a readable DuckDB database (corrupt, truncated or another kind of file); "
                              "it was left untouched")
     return p
+
+
+def writer_holding(path: Path) -> str | None:
+    """Who holds the store's writer lock right now ("pid … since …"), or None when no one does.
+    Probed with a non-blocking lock taken and dropped at once, so it never waits nor blocks a writer."""
+    real = Path(os.path.realpath(path))
+    lock_path = real.with_name(real.name + ".lock")
+    if not lock_path.exists():
+        return None
+    try:
+        with lock_path.open("r", encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return fh.read().strip() or "a curate process"
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            return None
+    except OSError:
+        return None
 
 
 def _writer_lock(path: Path) -> IO[str]:
