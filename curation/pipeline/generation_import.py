@@ -60,12 +60,12 @@ class ImportSummary:
         return asdict(self)
 
 
-def _expected(lm: LoadedModel, settings: ScoreSettings) -> dict[str, Any]:
+def _expected(lm: LoadedModel, settings: ScoreSettings, dtype: str) -> dict[str, Any]:
     s = lm.sampling
     template = lm.tokenizer.chat_template
     return {"max_new_tokens": settings.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
             "seed": s.seed, "model_fingerprint": lm.fingerprint,
-            "dtype": str(next(iter(lm.model.parameters())).dtype).removeprefix("torch."),
+            "dtype": dtype,
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None}
 
 
@@ -126,7 +126,7 @@ def import_generations(lm: LoadedModel, store: Store, rows: Iterable[Row], fmt: 
     values = generation_settings(lm, fmt, settings)
     sha = settings_digest(values)
     settings_json = json.dumps(values, sort_keys=True)
-    expected = _expected(lm, settings)
+    expected = _expected(lm, settings, values["dtype"])
     store.start_run(run_id, "generations import", {"generation_settings": values, "generation_settings_sha256": sha},
                     lm.fingerprint)
     counts = {"rows": 0, "imported": 0, "already": 0, "quarantined": 0, "conflicting": 0, "replaced": 0}

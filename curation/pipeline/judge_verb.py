@@ -61,7 +61,7 @@ def run_judge(s: Settings) -> int:
     from probes.files import write_text_atomic
     from probes.rows import iter_rows
     from training.judge_agreement import agreement, outcome_confusion, read_label
-    from training.judge_outcomes import verdict_outcome
+    from training.judge_outcomes import outcome_verdict, verdict_outcome
     from training.judges import make_judge
 
     judge = make_judge(single_judge(s, "judge"))
@@ -104,18 +104,17 @@ def run_judge(s: Settings) -> int:
     # A classifier model's own words go with each verdict, so an unparsed one can be read.
     started = time.perf_counter()
     classify = getattr(judge, "classify", None)
-    if classify is not None:
-        classified = classify([k[1] for k in kept], [k[2] for k in kept])
-        verdicts, outputs = [c.verdict for c in classified], [c.output for c in classified]
-    else:
-        verdicts, outputs = judge.judge_pairs([k[1] for k in kept], [k[2] for k in kept]), [None] * len(kept)
-    if hasattr(judge, "outcomes"):
-        # Judged once: the verdicts follow from the outcomes.
-        from training.judge_outcomes import outcome_verdict
-
-        outcomes = judge.outcomes([k[1] for k in kept], [k[2] for k in kept])
+    prompts, answers = [k[1] for k in kept], [k[2] for k in kept]
+    outputs: list[str | None] = [None] * len(kept)
+    if hasattr(judge, "outcomes"):  # a four-outcome judge: the verdicts follow from its outcomes
+        outcomes = judge.outcomes(prompts, answers)
         verdicts = [outcome_verdict(o) for o in outcomes]
     else:
+        if classify is not None:
+            classified = classify(prompts, answers)
+            verdicts, outputs = [c.verdict for c in classified], [c.output for c in classified]
+        else:
+            verdicts = judge.judge_pairs(prompts, answers)
         outcomes = [verdict_outcome(v) for v in verdicts]
     seconds = time.perf_counter() - started
     if s["out"]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from curation.pipeline.slice_out import card_path, content_sha256, removed_on_failure, write_card, write_slice
 from curation.pipeline.sources import split_response
@@ -209,41 +209,33 @@ def export_selection(
         })
     manifest_path = manifest_path_for(out)
     with removed_on_failure(out, card_path(out, out_format), manifest_path):
-        return _export(store, records, ids, out, out_format, manifest_path, strategy=strategy, budget=budget, seed=seed,
-                       n_pool=n_pool, fp=fp, pid=pid, target=target, scores_hash=scores_hash, as_of=as_of,
-                       include_unclosed=include_unclosed, pool=pool, settings=settings)
-
-
-def _export(store: Store, records: list[dict[str, Any]], ids: list[str], out: Path, out_format: str, manifest_path: Path,
-            *, strategy: str, budget: Any, seed: int, n_pool: int, fp: str, pid: str, target: str, scores_hash: str,
-            as_of: datetime | None, include_unclosed: bool, pool: Any, settings: str | None) -> SelectionManifest:
-    write_slice(records, out, out_format)
-    manifest = SelectionManifest(
-        strategy=strategy,
-        budget=budget.text,
-        seed=seed,
-        n_pool=n_pool,
-        n_selected=len(ids),
-        model_fingerprint=fp,
-        probe_id=pid,
-        target=target,
-        db=str(store.path),
-        scores_hash=scores_hash,
-        ids=ids,
-        output=str(out),
-        output_sha256=content_sha256(records),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        as_of=as_of.isoformat() if as_of is not None else None,
-        out_format=out_format,
-        card=str(card_path(out, out_format)),
-        include_unclosed=include_unclosed,
-        left_out=pool.left_out,
-        generation_settings=settings,
-    )
-    write_card(out, out_format, asdict(manifest), records, store.misalignment_quantiles(fp, pid, as_of, settings),
-               store.score_inputs(fp, pid))
-    write_json_atomic(manifest_path, asdict(manifest))
-    return manifest
+        write_slice(records, out, out_format)
+        manifest = SelectionManifest(
+            strategy=strategy,
+            budget=budget.text,
+            seed=seed,
+            n_pool=n_pool,
+            n_selected=len(ids),
+            model_fingerprint=fp,
+            probe_id=pid,
+            target=target,
+            db=str(store.path),
+            scores_hash=scores_hash,
+            ids=ids,
+            output=str(out),
+            output_sha256=content_sha256(records),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            as_of=as_of.isoformat() if as_of is not None else None,
+            out_format=out_format,
+            card=str(card_path(out, out_format)),
+            include_unclosed=include_unclosed,
+            left_out=pool.left_out,
+            generation_settings=settings,
+        )
+        write_card(out, out_format, asdict(manifest), records, store.misalignment_quantiles(fp, pid, as_of, settings),
+                   store.score_inputs(fp, pid))
+        write_json_atomic(manifest_path, asdict(manifest))
+        return manifest
 
 
 class FormatMismatchError(ValueError):

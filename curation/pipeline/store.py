@@ -790,11 +790,17 @@ def _checked_path(path: str | Path, read_only: bool) -> Path:
     return p
 
 
+def _lock_path(path: Path) -> Path:
+    # Named from the resolved file: a symlink (or a relative path) to the same store must contend
+    # for the same lock, or two writers run at once on one file.
+    real = Path(os.path.realpath(path))
+    return real.with_name(real.name + ".lock")
+
+
 def writer_holding(path: Path) -> str | None:
     """Who holds the store's writer lock right now ("pid … since …"), or None when no one does.
     Probed with a non-blocking lock taken and dropped at once, so it never waits nor blocks a writer."""
-    real = Path(os.path.realpath(path))
-    lock_path = real.with_name(real.name + ".lock")
+    lock_path = _lock_path(path)
     if not lock_path.exists():
         return None
     try:
@@ -812,11 +818,7 @@ def writer_holding(path: Path) -> str | None:
 def _writer_lock(path: Path) -> IO[str]:
     """An exclusive lock for the one writer, taken at once or refused, never waited for: a
     nightly job that silently queues behind a stuck one hides the problem."""
-    # Named from the resolved file: a symlink (or a relative path) to the same store must contend
-    # for the same lock, or two writers run at once on one file.
-    real = Path(os.path.realpath(path))
-    lock_path = real.with_name(real.name + ".lock")
-    fh = lock_path.open("a+", encoding="utf-8")
+    fh = _lock_path(path).open("a+", encoding="utf-8")
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
