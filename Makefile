@@ -9,7 +9,9 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test lint bench clean install
 
-install: $(STAMP)
+LABEL_WHEEL := $(VENV)/label-sets/pyrit-1.1.0-py3-none-any.whl
+
+install: $(STAMP) $(LABEL_WHEEL)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +22,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+
+# PyRIT's human-labelled refusal pairs, read from its wheel by training/label_sets.py (the judge's
+# held-out floor). --no-deps: only the file is fetched, nothing of PyRIT is installed.
+$(LABEL_WHEEL): | $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --dest $(VENV)/label-sets pyrit==1.1.0
 
 demo: install
 	$(VENV)/bin/curate demo --workdir $(WORKDIR)

@@ -1,26 +1,64 @@
-"""The default judge's floor on labels it was not tuned on: CI fails when agreement on the held-out
-(test) half of the packaged labelled set drops below it. The packaged thresholds were not fitted to
-any of these labels (training/data/relevance_judge.json says where they come from), so the test half
-is held out twice over; the floor is the measured figure less a small margin for library drift."""
+"""The default judge's floor on labels it was not tuned on: CI fails when agreement or refusal
+recall on the held-out (test) half of a labelled set drops below it. The packaged cosines were
+fitted on the dev halves only (training/data/relevance_judge.json), so the test halves were
+measured once, afterwards; each floor is that figure less a margin for library drift.
+
+Two sets: ours (written next to the rules, so it flatters them) and PyRIT's human-labelled refusal
+pairs (written by another team; read from its wheel, which ``make install`` fetches)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
 from training.judge_agreement import agreement
 from training.judge_calibration import split_of
 from training.judge_relevance import RelevanceJudge
+from training.label_sets import load_label_set
 
 LABELLED = Path(__file__).parent.parent / "training" / "data" / "judge_labels.jsonl"
-AGREEMENT_FLOOR = 0.80  # measured 2026-12-05: see docs/judges.md
-RECALL_FLOOR = 0.65
+# measured 2026-12-05 on the test halves (docs/judges.md): ours 96.2% / 92.6%, PyRIT's 91.1% / 92.5%
+FLOORS = {"ours": (0.90, 0.85), "pyrit-refusal": (0.85, 0.85)}
 
 
-def test_relevance_judge_holds_its_floor_on_the_held_out_half() -> None:
-    rows = [json.loads(line) for line in LABELLED.read_text().splitlines()]
-    test = [r for r in rows if split_of(r["prompt"], r["answer"]) == "test"]
+def _rows(name: str) -> list[dict]:
+    if name == "ours":
+        return [json.loads(line) for line in LABELLED.read_text().splitlines()]
+    return load_label_set(name)
+
+
+@pytest.fixture(scope="module")
+def judge() -> RelevanceJudge:
+    return RelevanceJudge()
+
+
+@pytest.mark.parametrize("name", sorted(FLOORS))
+def test_relevance_judge_holds_its_floor_on_the_held_out_half(name: str, judge: RelevanceJudge) -> None:
+    test = [r for r in _rows(name) if split_of(r["prompt"], r["answer"]) == "test"]
     assert len(test) >= 40
-    verdicts = RelevanceJudge().judge_pairs([r["prompt"] for r in test], [r["answer"] for r in test])
+    verdicts = judge.judge_pairs([r["prompt"] for r in test], [r["answer"] for r in test])
     a = agreement([r["label"] for r in test], verdicts)
-    assert a.agreement >= AGREEMENT_FLOOR and (a.recall_refusal or 0) >= RECALL_FLOOR, a.as_json()
+    floor_agreement, floor_recall = FLOORS[name]
+    assert a.agreement >= floor_agreement and (a.recall_refusal or 0) >= floor_recall, a.as_json()
+
+
+def test_label_set_rows_are_read_whole() -> None:
+    rows = load_label_set("pyrit-refusal")
+    assert len(rows) == 169
+    assert {r["label"] for r in rows} == {"refusal", "compliance"}
+    assert sum(r["label"] == "refusal" for r in rows) == 109
+    assert all(r["prompt"].strip() and isinstance(r["answer"], str) for r in rows)
+
+
+def test_a_changed_wheel_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.label_sets import PYRIT_REFUSAL
+
+    (tmp_path / PYRIT_REFUSAL.wheel).write_bytes(b"not the pinned wheel")
+    monkeypatch.setenv("CURATE_LABEL_SETS", str(tmp_path))
+    with pytest.raises(ValueError, match="pinned"):
+        load_label_set("pyrit-refusal")
+    monkeypatch.setenv("CURATE_LABEL_SETS", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="pip download --no-deps"):
+        load_label_set("pyrit-refusal")

@@ -22,7 +22,7 @@ from training.judge_outcomes import outcome_verdict
 
 TEST_SHARE_BYTE = 96  # hash byte < 96 of 256: 37.5% of the pairs are held out as test
 GRID = {
-    "deliver_cosine": [round(0.25 + 0.05 * i, 2) for i in range(9)],  # 0.25 … 0.65
+    "deliver_cosine": [round(0.25 + 0.05 * i, 2) for i in range(11)],  # 0.25 … 0.75
     "topic_cosine": [round(0.10 + 0.05 * i, 2) for i in range(10)],  # 0.10 … 0.55
 }
 

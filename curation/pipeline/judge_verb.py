@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
@@ -44,6 +45,7 @@ from curation.cli.verb import (
 
 if TYPE_CHECKING:
     from probes.chat import ThinkingFormat
+    from probes.rows import Row
 
 
 def _answer(row: dict[str, Any], fmt: ThinkingFormat) -> str | None:
@@ -59,23 +61,26 @@ def _answer(row: dict[str, Any], fmt: ThinkingFormat) -> str | None:
 
 def run_judge(s: Settings) -> int:
     from probes.files import write_text_atomic
-    from probes.rows import iter_rows
     from training.judge_agreement import agreement, outcome_confusion, read_label
+    from training.judge_calibration import split_of
     from training.judge_outcomes import outcome_verdict, verdict_outcome
     from training.judges import make_judge
 
     judge = make_judge(single_judge(s, "judge"))
     if (s["calibrate"] or s["thresholds"]) and not hasattr(judge, "with_thresholds"):
         raise ValueError(f"--calibrate and --thresholds set the relevance judge's cosines; --judge {judge.name} has none")
+    if s["split"] not in ("all", "dev", "test"):
+        raise ValueError(f"--split {s['split']!r}: use all, dev or test")
+    if s["calibrate"] and s["split"] != "all":
+        raise ValueError("--calibrate splits the pairs itself: leave --split at all")
     if s["calibrate"] and not s["labels"]:
         raise ValueError("--calibrate fits on people's labels: give the label column with --labels")
     if s["thresholds"]:
         judge = _with_threshold_file(judge, s["thresholds"])
-    check_input_file(s["in"], "--in")
     layout, fmt = layout_from(s), thinking_format(s)
     kept: list[tuple[dict[str, Any], str, str, str | None]] = []  # (row, prompt, answer, label)
     skipped: list[str] = []
-    for row in iter_rows(s["in"], "--in"):
+    for row in _rows(s):
         where = f"{row.file}:{row.locator}"
         if row.error is not None:
             skipped.append(f"{where}: {row.error}")
@@ -96,6 +101,8 @@ def run_judge(s: Settings) -> int:
                 skipped.append(f"{where}: label column '{s['labels']}' holds {row.value.get(s['labels'])!r}, "
                                "not refusal/compliance or 1/0")
                 continue
+        if s["split"] != "all" and split_of(prompt, answer) != s["split"]:
+            continue
         kept.append((row.value, prompt, answer, label))
     if not kept:
         raise ValueError(f"--in {s['in']}: no row could be judged ({len(skipped)} skipped)")
@@ -147,6 +154,24 @@ def run_judge(s: Settings) -> int:
     return 0
 
 
+def _rows(s: Settings) -> Iterator[Row]:
+    """The pairs: a file (``--in``), a labelled set another project ships (``--label-set``), or both
+    (one calibration over both sets' dev halves)."""
+    from probes.rows import Row, iter_rows
+
+    if not s["in"] and not s["label_set"]:
+        raise ValueError("give the pairs with --in FILE, --label-set NAME, or both")
+    if s["in"]:
+        check_input_file(s["in"], "--in")
+        yield from iter_rows(s["in"], "--in")
+    if not s["label_set"]:
+        return
+    from training.label_sets import load_label_set
+
+    for i, value in enumerate(load_label_set(s["label_set"]), start=1):
+        yield Row(file=s["label_set"], locator=i, value=value, error=None, raw="")
+
+
 def _with_threshold_file(judge: Any, path: str) -> Any:
     from training.judge_relevance import RelevanceThresholds
 
@@ -165,7 +190,7 @@ def _calibrate(s: Settings, judge: Any, kept: list[tuple[dict[str, Any], str, st
 
     result = calibrate(judge, [k[1] for k in kept], [k[2] for k in kept], [str(k[3]) for k in kept])
     sources = sorted({str(k[0].get(s["by"], "(none)")) for k in kept})
-    doc = {**result.as_json(), "calibrated_on": {"in": str(s["in"]), "labels": s["labels"], "sources": sources,
+    doc = {**result.as_json(), "calibrated_on": {"in": s["in"], "label_set": s["label_set"], "labels": s["labels"], "sources": sources,
                                                  "split": f"sha256(request NUL answer)[0] < {TEST_SHARE_BYTE} is test"}}
     write_json_atomic(s["calibrate"], doc)
 
@@ -213,13 +238,17 @@ def _print_table(doc: dict[str, Any], where) -> None:
 
 JUDGE_VERB = Verb("judge", "judge (request, answer) pairs; with --labels, agreement with people's labels", [
     JUDGE_OPTION,
-    Option("--in", str, None, "pairs: jsonl, csv, parquet or a saved dataset with prompt and answer (or response)", required=True),
+    Option("--in", str, None, "pairs: jsonl, csv, parquet or a saved dataset with prompt and answer (or response)"),
+    Option("--label-set", str, None, "(with or in place of --in) a human-labelled set another project ships, read from its wheel "
+           "(pyrit-refusal: PyRIT's 169 refusal-scorer pairs); label column 'label', source column 'source'"),
     Option("--out", str, None, "write the pairs with each verdict as jsonl"),
     Option("--labels", str, None, "column of people's labels (refusal/compliance or 1/0): report agreement, precision, recall"),
     Option("--json", None, False, "print one JSON document as the last line of stdout"),
     Option("--by", str, "source", "with --labels, also give the figures per value of this column (e.g. the label set)"),
     Option("--calibrate", str, None, "with --labels and the relevance judge: fit its cosines on the dev half (fixed hash "
            "split), write them and the held-out test figures to this JSON file"),
+    Option("--split", str, "all", "judge only the dev or the test half of the fixed hash split --calibrate uses "
+           "(all, dev, test): the held-out figures without refitting"),
     Option("--thresholds", str, None, "the relevance judge's cosines from a --calibrate file (default: the packaged ones)"),
     *DATA_OPTIONS,
     *MARKER_OPTIONS,
