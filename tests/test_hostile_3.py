@@ -217,3 +217,58 @@ def test_select_refuses_a_pool_that_is_still_being_scored(store_copy, tmp_path, 
     out.unlink()
     assert main(["select", "--db", str(store_copy), "--out", str(out)]) == 0
     assert "it was cut off" in " ".join(capsys.readouterr().err.split()) and out.exists()
+
+
+# --- errors that say what happened --------------------------------------------
+
+def test_a_duckdb_file_that_is_not_a_curate_store_is_named_so(tmp_path):
+    import duckdb
+
+    empty, other = tmp_path / "empty.duckdb", tmp_path / "analytics.duckdb"
+    duckdb.connect(str(empty)).close()
+    con = duckdb.connect(str(other))
+    con.execute("CREATE TABLE sales (id INTEGER)")
+    con.execute("INSERT INTO sales VALUES (1), (2)")
+    con.close()
+    with pytest.raises(StoreError, match="not a curate store .*no tables at all"):
+        Store(empty, read_only=True)
+    with pytest.raises(StoreError, match="not a curate store") as err:
+        Store(other, read_only=True)
+    assert "no tables at all" not in str(err.value) and "corrupt" not in str(err.value)
+    # A reader never writes: the other database is as it was, with no curate tables added.
+    con = duckdb.connect(str(other), read_only=True)
+    assert con.execute("SELECT table_name FROM information_schema.tables").fetchall() == [("sales",)]
+    assert con.execute("SELECT count(*) FROM sales").fetchone() == (2,)
+    con.close()
+
+
+def test_permission_denied_is_not_reported_as_corruption(tmp_path, monkeypatch):
+    """The tests run as root, for whom chmod denies nothing: the access check is what is exercised."""
+    import os
+
+    from curation.pipeline import store as store_module
+
+    db = tmp_path / "s.duckdb"
+    with Store(db) as store:
+        store.start_run("r1", "score", {})
+    denied = {os.W_OK}
+    monkeypatch.setattr(store_module.os, "access", lambda path, mode: not (mode & os.W_OK and os.W_OK in denied))
+    with pytest.raises(StoreError, match="permission denied .*cannot write") as err:
+        Store(db)
+    assert "corrupt" not in str(err.value)
+    with Store(db, read_only=True) as store:  # a reader still reads it
+        assert store.con.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+    with pytest.raises(StoreError, match="permission denied on"):
+        Store(tmp_path / "new" / "s.duckdb")
+
+
+def test_no_space_and_permission_errors_from_duckdb_are_named():
+    import duckdb
+
+    from curation.pipeline.store import explain_store_error
+
+    full = duckdb.IOException('Could not write file "s.duckdb.wal": No space left on device')
+    assert explain_store_error("s.duckdb", full).startswith("no space left on the device holding the store s.duckdb")
+    denied = duckdb.IOException('Cannot open file "s.duckdb": Permission denied')
+    assert "permission denied" in explain_store_error("s.duckdb", denied)
+    assert "corrupt" in explain_store_error("s.duckdb", duckdb.IOException("not a valid DuckDB database file"))

@@ -117,7 +117,13 @@ def _save_traceback() -> Path | None:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, duckdb.Error):  # met after the store opened: say what it means, keep DuckDB's words
-        text = f"the store is not a readable DuckDB database or a query on it failed ({type(exc).__name__}): {text}"
+        lowered = text.lower()
+        if "no space left" in lowered or "disk is full" in lowered:
+            text = f"no space left on the device holding the store (nothing of the failed commit was kept): {text}"
+        elif "permission denied" in lowered or "read-only file system" in lowered:
+            text = f"permission denied writing the store or its write-ahead log: {text}"
+        else:
+            text = f"the store is not a readable DuckDB database or a query on it failed ({type(exc).__name__}): {text}"
     return escape(text if len(text) <= 2000 else text[:2000] + " …")  # a message may hold [brackets]: never markup
 
 

@@ -195,7 +195,12 @@ class Store:
             self._lock = _writer_lock(self.path)
         try:
             con = self.con
-            if not read_only:
+            if read_only:
+                tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+                if "runs" not in tables:
+                    raise StoreError(f"store {self.path} is a DuckDB database but not a curate store (no 'runs' table"
+                                     f"{'; it has no tables at all' if not tables else ''}): score or import into it first")
+            else:
                 for statement in SCHEMA:
                     con.execute(statement)
                 _upgrade_score_key(con)
@@ -219,8 +224,7 @@ class Store:
                 return con
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower():
-                    raise StoreError(f"store {self.path} is not a readable DuckDB database "
-                                     f"(corrupt, truncated or another kind of file): {exc}") from None
+                    raise StoreError(explain_store_error(self.path, exc)) from None
                 if time.monotonic() >= deadline:
                     raise StoreError(f"store {self.path} stayed busy for {self.wait_s:.0f} s "
                                      f"(another process holds it open); try again later") from None
@@ -229,8 +233,7 @@ class Store:
                     told = True
                 time.sleep(0.1)
             except duckdb.Error as exc:
-                raise StoreError(f"store {self.path} is not a readable DuckDB database "
-                                 f"(corrupt, truncated or another kind of file): {exc}") from None
+                raise StoreError(explain_store_error(self.path, exc)) from None
 
     def release(self) -> None:
         """Close the DuckDB connection (a writer keeps its lock); the next use opens it again."""
@@ -781,6 +784,16 @@ def _checked_path(path: str | Path, read_only: bool) -> Path:
         raise StoreError(f"store {p} is a directory, not a DuckDB file")
     if read_only and not p.exists():
         raise StoreError(f"store not found: {p}")
+    if p.exists() and not os.access(p, os.R_OK):
+        raise StoreError(f"store {p}: permission denied (this user cannot read it; check its owner and mode)")
+    if not read_only:
+        if p.exists() and not os.access(p, os.W_OK):
+            raise StoreError(f"store {p}: permission denied (this user cannot write it; a read-only verb such as "
+                             "`curate status` or `curate select` can still read it)")
+        folder = next((d for d in (p.parent, *p.parent.parents) if d.exists()), None)
+        if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(f"store {p}: permission denied on {folder} (a writer needs it writable: DuckDB keeps "
+                             "its write-ahead log and curate its lock file beside the store)")
     if p.exists() and p.stat().st_size > 0:
         with p.open("rb") as fh:
             head = fh.read(12)
@@ -788,6 +801,17 @@ def _checked_path(path: str | Path, read_only: bool) -> Path:
             raise StoreError(f"store {p} is not a readable DuckDB database (corrupt, truncated or another kind of file); "
                              "it was left untouched")
     return p
+
+
+def explain_store_error(path: Path | str, exc: BaseException) -> str:
+    """What a DuckDB error on the store means, in words a user can act on."""
+    text = str(exc)
+    lowered = text.lower()
+    if "no space left" in lowered or "disk is full" in lowered or "enospc" in lowered:
+        return f"no space left on the device holding the store {path}; free some space and re-run (nothing was committed): {text}"
+    if "permission denied" in lowered or "read-only file system" in lowered:
+        return f"store {path}: permission denied ({text})"
+    return f"store {path} is not a readable DuckDB database (corrupt, truncated or another kind of file): {text}"
 
 
 def _lock_path(path: Path) -> Path:
