@@ -93,6 +93,8 @@ def generate(
     # The checkpoint's own end-of-turn ids (generation_config: gpt-oss <|return|>/<|call|>, Llama 3
     # <|eot_id|>) stop it as well as the tokenizer's EOS.
     stops = stop_token_ids(tok, ([fmt.close_marker] if stop_at_close else []) + list(lm.end_tokens))
+    if remote_allowed(lm):
+        return _generate_remote(lm, texts, encoded, stops, fmt, max_new_tokens, on_batch)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[Generation | None] = [None] * len(prompts)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
@@ -125,3 +127,38 @@ def generate(
         if on_batch is not None:
             on_batch(len(idx))
     return [r for r in results if r is not None]
+
+
+def remote_allowed(lm: LoadedModel) -> bool:
+    """Whether this generation may go to the server: only the model as loaded. A server cannot see
+    a steering hook or a LoRA adapter on the local copy, so steered and fine-tuned generation stays
+    in-process rather than silently generating unsteered."""
+    if lm.generator is None or lm.adapter is not None:
+        return False
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+
+
+def _generate_remote(lm: LoadedModel, texts: list[str], encoded: list[list[int]], stops: list[int], fmt: ThinkingFormat,
+                     max_new_tokens: int, on_batch: Callable[[int], None] | None) -> list[Generation]:
+    from probes.remote_generate import GeneratorRowError
+
+    tok = lm.tokenizer
+    lm.generator.check(tok, lm.fingerprint)
+    done = lm.generator.complete(encoded, max_tokens=max_new_tokens, stop_token_ids=stops, sampling=lm.sampling,
+                                 on_done=on_batch)
+    refused = [(i, d) for i, d in enumerate(done) if isinstance(d, GeneratorRowError)]
+    if refused:
+        raise refused[0][1]  # the caller re-runs a failed chunk row by row, so the refused row is found and quarantined
+    results: list[Generation] = []
+    for i, completion in enumerate(done):
+        ids = completion.token_ids
+        cut = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))  # as in-process: through the first stop
+        ids = ids[:cut]
+        results.append(Generation(prompt_text=texts[i], prompt_ids=encoded[i], generated_ids=ids,
+                                  text=tok.decode(ids, skip_special_tokens=False),
+                                  close_index=marker_end_index(ids, tok, fmt.close_marker)))
+    return results

@@ -9,6 +9,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -53,6 +54,9 @@ class LoadedModel:
     adapter: str | None = None
     # How this model is decoded wherever it generates; recorded with every result that depends on it.
     sampling: Sampling = field(default_factory=lambda: Sampling())
+    # Where unsteered generation runs: None in-process (HF generate), or a probes.remote_generate.RemoteGenerator
+    # (a vLLM server). Steered or adapted generation always stays in-process (probes.generate).
+    generator: Any = None
 
     @property
     def device(self) -> torch.device:

@@ -62,3 +62,12 @@ def test_a_changed_wheel_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("CURATE_LABEL_SETS", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="pip download --no-deps"):
         load_label_set("pyrit-refusal")
+
+
+def test_the_recorded_figures_are_what_the_code_measures() -> None:
+    """Reports quote training/data/judge_agreement.json: it must be the judge's measured figures,
+    not a number left over from an earlier judge (re-write it with python -m training.judge_record)."""
+    from training.judge_record import measure, recorded
+
+    assert recorded("relevance") == measure("relevance")
+    assert recorded("qwen3guard") is None  # no classifier is measured here: reported as not measured

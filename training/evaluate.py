@@ -29,6 +29,7 @@ from probes.chat import ThinkingFormat, split_completion
 from probes.generate import generate
 from probes.models import LoadedModel
 from training.judge import Judge, Verdict
+from training.judge_record import recorded as recorded_agreement
 from training.judges import DEFAULT_JUDGE, make_judge
 from training.prompts import PromptItem
 
@@ -160,6 +161,8 @@ def evaluate_prompts(
         "judge": judges[0].name,
         "judge_reads": judges[0].reads,
         "judge_settings": judges[0].settings(),
+        # How far this judge agrees with people, measured on held-out labels (None: not measured here).
+        "judge_agreement": recorded_agreement(judges[0].name),
         "model": lm.path,
         "adapter": lm.adapter,
         "model_fingerprint": lm.fingerprint,

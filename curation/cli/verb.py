@@ -131,8 +131,9 @@ def _judge_spec(text: str) -> str:
 
 JUDGE_OPTION = Option("--judge", _judge_spec, ["relevance"], "who reads the model's final answers: relevance (does the "
                       "answer deliver the request? four outcomes, a packaged sentence encoder), context (rules that read the request "
-                      "too), substring (stock refusal phrases), or a local classifier model as NAME=DIR with NAME one of "
-                      "qwen3guard, wildguard, llama-guard, harmbench-cls (README: Judges)", repeat=True)
+                      "too), substring (stock refusal phrases), auto (a refusal classifier found under $CURATE_JUDGE_MODELS, "
+                      "else relevance), or a local classifier model as NAME=DIR with NAME one of "
+                      "qwen3guard, wildguard, llama-guard, harmbench-cls (docs/judges.md)", repeat=True)
 
 
 def single_judge(s: Settings, verb: str) -> str:

@@ -205,7 +205,8 @@ def _assemble_report(cfg, root, organism_meta, suppressed, probe, probe_report, 
         "over_refusal": {"before": before["over_refusal_of_all"], "after": after["over_refusal_of_all"]},
         "n_heldout": {"harmful": before["n_harmful"], "harmless": before["n_harmless"]},
         # Every stage's judge (probe labels, answer verdicts, retain set, evaluation): the default one.
-        "judge": {"name": before["judge"], "settings": before["judge_settings"]},
+        "judge": {"name": before["judge"], "settings": before["judge_settings"],
+                  "held_out_agreement": before.get("judge_agreement")},
         "per_category": {"before": before["per_category"], "after": after["per_category"]},
         "probe": {"probe_id": probe.probe_id, "layer": probe.layer, "n_positive": probe_report.n_positive,
                   "n_negative": probe_report.n_negative, "sweep": [asdict(r) for r in probe.meta.sweep]},
@@ -258,6 +259,11 @@ def _write_html(root: Path, result: dict[str, Any], traces, highlight: set[str])
              (("ASR, suppressed areas", "asr"), ("ASR, all harmful", "asr_all"), ("ASR, other areas", "asr_other_areas"),
               ("over-refusal, harmless", "over_refusal"))],
             ["metric (held-out prompts)", "before", "after"])),
+        ("Judge", rpt.table(
+            [[result["judge"]["name"], name, fig["n"], fig["agreement"], fig["precision_refusal"], fig["recall_refusal"]]
+             for name, fig in (result["judge"].get("held_out_agreement") or {}).items()]
+            or [[result["judge"]["name"], "not measured on this project's machines", "", "", "", ""]],
+            ["judge", "held-out labels", "pairs", "agreement", "refusal precision", "refusal recall"])),
         ("Probe layer sweep", rpt.table(
             [[r["layer"], r["heldout_accuracy"], r["heldout_auroc"], r["span_gap"], r["C"]] for r in result["probe"]["sweep"]],
             ["layer", "held-out accuracy", "held-out AUROC", "span gap", "C"]) + f"<p>kept layer {result['probe']['layer']}</p>"),
@@ -284,5 +290,11 @@ def _print_summary(console: Console, result: dict[str, Any]) -> None:
         f"selected {sel['n_selected']} of {sel['n_pool']} ({sel['budget']}, strategy {sel['strategy']}); "
         f"{pct(sel['share_from_suppressed'])} from the suppressed areas (they are {pct(sel['pool_share_suppressed'])} of the pool)"
     )
+    judge = result["judge"]
+    measured = (judge.get("held_out_agreement") or {}).get("pyrit-refusal")
+    console.print(f"judge {judge['name']}: " + (
+        f"{pct(measured['agreement'])} agreement, refusal recall {pct(measured['recall_refusal'])} on {measured['n']} "
+        "held-out human labels written elsewhere (PyRIT's refusal set; docs/judges.md)" if measured
+        else "agreement with human labels not measured on this project's machines"), highlight=False)
     console.print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in rpt.stage_times_in_order(result["seconds"])))
     console.print(f"report: {result['paths']['report_html']}  json: {Path(result['paths']['report_html']).with_name('report.json')}")

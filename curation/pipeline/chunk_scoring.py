@@ -98,8 +98,12 @@ def score_chunk_safely(
     """``score_chunk``, but a failure never loses the chunk: it is scored again one row at a
     time, and each row that still fails comes back quarantined with the error as its reason.
     A row whose trace is not finite comes back quarantined too, never as a score."""
+    from probes.remote_generate import GeneratorUnavailable
+
     try:
         scored: list[ScoredItem] = list(score_chunk(lm, probe, chunk, fmt, settings, run_id, cached))
+    except GeneratorUnavailable:
+        raise  # the server is gone: no row is to blame, so none is quarantined; the run stops and a rerun resumes
     except Exception as exc:  # noqa: BLE001 - find the row that broke it; the others are scored
         if len(chunk) == 1:
             return [failed_row(chunk[0], exc)]
@@ -107,6 +111,8 @@ def score_chunk_safely(
         for record in chunk:
             try:
                 scored.extend(score_chunk(lm, probe, [record], fmt, settings, run_id, cached))
+            except GeneratorUnavailable:
+                raise
             except Exception as exc:  # noqa: BLE001
                 scored.append(failed_row(record, exc))
     by_id = {r.id: r for r in chunk}

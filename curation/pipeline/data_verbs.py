@@ -29,6 +29,7 @@ from curation.cli.verb import (
     thinking_format,
     warn_unclosed,
 )
+from curation.pipeline.generator_choice import GENERATOR_OPTIONS, generation_engine
 from curation.pipeline.select import STRATEGIES
 from probes.chat import ThinkingFormat
 
@@ -72,6 +73,9 @@ def run_score(s: Settings) -> int:
                                sampling=lm.sampling)
         else:
             lm = load_model_from(s)
+        if engine is not None and s["generator"] != "hf":
+            raise ValueError("--engine ray generates inside its actors: use --generator hf with it, or --engine local with "
+                             "--generator vllm (several servers behind one --generator-url scale that out)")
         probe = RefusalProbe.load_for(s["probe"], lm)
         unreadable: list[QuarantinedRow] = []
         counts: dict[str, int] = {}
@@ -91,7 +95,9 @@ def run_score(s: Settings) -> int:
         from probes.rows import count_rows
 
         # Under cron there is no terminal for a bar: one line per committed chunk instead.
-        with track("committed chunk", total=None if shard else count_rows(s["data"]), unit="candidates") as on_chunk:
+        log_dir = Path(s["db"]).parent if s["db"] else Path(s["shard_dir"])
+        with (generation_engine(s, lm, log_dir),
+              track("committed chunk", total=None if shard else count_rows(s["data"]), unit="candidates") as on_chunk):
             summary = score_records(lm, probe, sink, records(), thinking_format(s), settings, progress=on_chunk, engine=engine,
                                     inputs=inputs)
     table = Table(title=f"score run {summary.run_id}")
@@ -138,6 +144,7 @@ SCORE_VERB = Verb("score", "score candidate examples by the refusal cliff into D
         Option("--ray-address", str, None, "Ray cluster address (e.g. ray://head:10001 or auto); default: a local instance"),
         Option("--ray-actors", int, 1, "model-holding actors (one model copy each)", minimum=1),
         Option("--ray-gpus-per-actor", float, 0.0, "GPUs per actor (1 on a GPU cluster)"),
+        *GENERATOR_OPTIONS,
         *GENERATION_OPTIONS,
         JUDGE_OPTION,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
@@ -248,8 +255,9 @@ def run_run(s: Settings) -> int:
         store.close()
         raise
     settings = {k: v for k, v in s.items() if not k.startswith("_")}
-    resolved = run_nightly(lm, probe, cfg, thinking_format(s), s["_config"], settings,
-                           log=lambda m: console.print(m, soft_wrap=True, markup=False), store=store)
+    with generation_engine(s, lm, Path(cfg.out)):
+        resolved = run_nightly(lm, probe, cfg, thinking_format(s), s["_config"], settings,
+                               log=lambda m: console.print(m, soft_wrap=True, markup=False), store=store)
     table = Table(title=f"nightly run: {resolved['selection']['n_selected']} of {resolved['selection']['n_pool']} selected")
     for col in ("source", "candidates", "new", "scored", "already scored", "quarantined", "seconds"):
         table.add_column(col)
@@ -273,6 +281,7 @@ RUN_VERB = Verb("run", "the nightly job from one manifest: score new rows, selec
         Option("--strategy", str, "cliff", "selection strategy", choices=STRATEGIES),
         Option("--seed", int, 0, "seed for random strategies"),
         *GENERATION_OPTIONS,
+        *GENERATOR_OPTIONS,
         JUDGE_OPTION,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--chunk-size", int, 64, "examples per committed transaction", minimum=1),

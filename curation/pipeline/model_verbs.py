@@ -29,6 +29,7 @@ from curation.cli.verb import (
     thinking_format,
     warn_unclosed,
 )
+from curation.pipeline.generator_choice import GENERATOR_OPTIONS, generation_engine
 from training.attack_names import ATTACKS as ATTACK_NAMES
 from training.judges import make_judge, refusal_reader
 
@@ -204,11 +205,16 @@ def run_evaluate(s: Settings) -> int:
     settings = EvalSettings(max_new_tokens=generation_cap(s), batch_size=s["batch_size"])
     judge, *also = [make_judge(spec) for spec in s["judge"]]
     if s["attack"] == "none" and not s["attack_kit"]:
-        with track("evaluate: generating", total=len(items), unit="prompts") as advance:
+        with (generation_engine(s, lm, Path(s["out"]).parent),
+              track("evaluate: generating", total=len(items), unit="prompts") as advance):
             result = evaluate_prompts(lm, items, thinking_format(s), settings, judge=judge, also=also, progress=advance)
+            result["generator"] = lm.generator.describe() if lm.generator is not None and lm.adapter is None else {"generator": "hf"}
     else:
         from training.attacks import AttackKit, build_attack
 
+        if s["generator"] != "hf":
+            raise ValueError(f"--attack {s['attack']} steers the model with hooks a server cannot see: it generates with "
+                             "--generator hf (only unsteered evaluation goes to vLLM)")
         if not s["attack_kit"]:
             raise ValueError(f"--attack {s['attack']} needs --attack-kit (made by curate attacks prepare for this model)")
         kit = AttackKit.load_for(s["attack_kit"], lm)
@@ -263,6 +269,7 @@ EVALUATE_VERB = Verb("evaluate", "ASR and over-refusal on final answers, by one 
         Option("--out", str, None, "output JSON", required=True),
         *GENERATION_OPTIONS,
         JUDGE_OPTION,
+        *GENERATOR_OPTIONS,
         Option("--batch-size", int, 16, "generation batch size", minimum=1),
         Option("--attack", str, "none", "steering attack mounted during generation", choices=ATTACK_NAMES),
         Option("--attack-kit", str, None, "attack kit directory (curate attacks prepare) for this model"),

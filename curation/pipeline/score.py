@@ -132,7 +132,9 @@ def score_records(
     gen_sha, pool_sha = settings_digest(gen_settings), pool_digest(gen_settings)
     store.start_run(run_id, "score", {"settings": settings.__dict__, "generation_settings": gen_settings,
                                       "generation_settings_sha256": pool_sha, "engine": type(engine).__name__,
-                                      "inputs": list(inputs), "completion_format": completion_format(lm, fmt)},
+                                      "inputs": list(inputs), "completion_format": completion_format(lm, fmt),
+                                      # What generated (not part of any key: rows from either generator are interchangeable).
+                                      "generator": lm.generator.describe() if lm.generator is not None else {"generator": "hf"}},
                     lm.fingerprint, probe.probe_id)
     counts = {"candidates": 0, "new_examples": 0, "already_scored": 0, "scored": 0, "unclosed": 0, "over_context": 0,
               "quarantined": 0, "quarantined_new": 0, "generated": 0, "reused_generations": 0}

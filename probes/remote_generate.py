@@ -1,0 +1,163 @@
+"""Generation through a vLLM server (``--generator vllm``), over its OpenAI-compatible API.
+
+The project renders every prompt itself (``probes.chat``) and sends the *token ids*, and asks
+for the generated token ids back (vLLM's ``return_token_ids``), so the server never applies a
+template of its own and the rows it makes are the rows ``generate`` makes in-process: the same
+prompt ids, the same stop tokens, stored under the same key (model fingerprint and generation
+settings). Which generator made a row is recorded with the run, not in the key.
+
+Before the first request the server is checked: it serves the named model, its tokenizer
+encodes a probe text to the ids the local tokenizer gives (a server running another model, or
+another revision's tokenizer, is refused), and its ``max_model_len`` is read, so a prompt whose
+budget the server would cut is a row error with its reason instead of a shorter trace stored
+as if it were whole.
+
+Faults: a server that cannot be reached, or stops answering mid-run, raises
+``GeneratorUnavailable`` (the run stops; what was committed stays, and a rerun resumes); a
+request the server refuses for one prompt raises ``GeneratorRowError`` for that row only (it is
+quarantined with the reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+API_KEY_ENV = "CURATE_GENERATOR_API_KEY"
+# Text whose ids must agree between the two tokenizers: words, digits, spacing, and no special tokens.
+_PROBE_TEXT = "The refusal cliff, measured 12 times:\n  first line; then 3.5% of 1,024 rows!"
+
+
+class GeneratorUnavailable(RuntimeError):
+    """The server cannot be used at all (unreachable, died, wrong model): the run stops."""
+
+
+class GeneratorRowError(ValueError):
+    """The server refused one prompt (too long for it, …): that row is quarantined."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class RemoteGenerator:
+    url: str  # the server's base URL, with or without /v1
+    model: str | None = None  # the served model name; None: the one model the server lists
+    timeout_s: float = 600.0  # one request; a reasoning trace of thousands of tokens takes a while
+    concurrency: int = 32  # requests in flight: the server batches them continuously
+    retries: int = 2  # a dropped connection is retried this many times before the server counts as gone
+    max_model_len: int | None = field(default=None, init=False)
+    checked_for: str | None = field(default=None, init=False)  # the local model fingerprint it was checked against
+
+    @property
+    def base(self) -> str:
+        url = self.url.rstrip("/")
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+    def describe(self) -> dict[str, Any]:
+        return {"generator": "vllm", "url": self.base, "model": self.model, "max_model_len": self.max_model_len}
+
+    # HTTP -----------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if key := os.environ.get(API_KEY_ENV):
+            headers["Authorization"] = f"Bearer {key}"
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read().decode("utf-8"))
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode("utf-8", "replace")[:500]
+                if 400 <= exc.code < 500:
+                    raise GeneratorRowError(f"the vLLM server at {self.base} refused {path} ({exc.code}): {detail}") from None
+                last = RuntimeError(f"HTTP {exc.code}: {detail}")
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+                last = exc
+            if attempt < self.retries:
+                time.sleep(1.0 * (attempt + 1))
+        raise GeneratorUnavailable(f"the vLLM server at {self.base} did not answer {path} "
+                                   f"({self.retries + 1} tries): {last}") from None
+
+    # checks ---------------------------------------------------------------
+    def check(self, tokenizer: Any, fingerprint: str) -> None:
+        """The server serves this model, with this tokenizer; read its context limit."""
+        if self.checked_for == fingerprint:
+            return
+        listed = self._request("GET", "/v1/models").get("data", [])
+        names = [m.get("id") for m in listed]
+        if self.model is None:
+            if len(names) != 1:
+                raise GeneratorUnavailable(f"the vLLM server at {self.base} serves {names or 'no model'}: "
+                                           "name the one to use with --generator-model")
+            self.model = names[0]
+        entry = next((m for m in listed if m.get("id") == self.model), None)
+        if entry is None:
+            raise GeneratorUnavailable(f"the vLLM server at {self.base} does not serve {self.model!r} (it serves {names})")
+        self.max_model_len = entry.get("max_model_len")
+        theirs = self._request("POST", "/tokenize", {"model": self.model, "prompt": _PROBE_TEXT,
+                                                     "add_special_tokens": False}).get("tokens")
+        ours = list(tokenizer.encode(_PROBE_TEXT, add_special_tokens=False))
+        if theirs != ours:
+            raise GeneratorUnavailable(
+                f"the vLLM server at {self.base} ({self.model}) tokenizes differently from the local model "
+                f"(tokenizer digest {_digest(ours)} here, {_digest(theirs)} there): it serves another model or revision")
+        self.checked_for = fingerprint
+
+    # generation -----------------------------------------------------------
+    def complete(self, prompts: Sequence[list[int]], *, max_tokens: int, stop_token_ids: Sequence[int],
+                 sampling: Any, on_done: Callable[[int], None] | None = None) -> list[Completion | GeneratorRowError]:
+        """One completion per prompt (token ids in, token ids out), in the prompts' order; a prompt
+        the server refused comes back as its ``GeneratorRowError``."""
+
+        def one(index: int) -> Completion | GeneratorRowError:
+            ids = prompts[index]
+            if self.max_model_len is not None and len(ids) + max_tokens > self.max_model_len:
+                return GeneratorRowError(
+                    f"prompt of {len(ids)} tokens + budget {max_tokens} is over the vLLM server's max_model_len "
+                    f"{self.max_model_len}: the server would cut the trace short; serve with a larger --max-model-len "
+                    "or lower --max-new-tokens")
+            body: dict[str, Any] = {
+                "model": self.model, "prompt": ids, "max_tokens": max_tokens, "stop_token_ids": list(stop_token_ids),
+                "return_token_ids": True, "skip_special_tokens": False, "spaces_between_special_tokens": False,
+                "ignore_eos": False, **_decoding(sampling, index)}
+            try:
+                choice = self._request("POST", "/v1/completions", body)["choices"][0]
+            except GeneratorRowError as exc:
+                return exc
+            token_ids = choice.get("token_ids")
+            if token_ids is None:
+                raise GeneratorUnavailable(f"the vLLM server at {self.base} returned no token ids "
+                                           "(return_token_ids needs vLLM 0.10.2 or later)")
+            if on_done is not None:
+                on_done(1)
+            return Completion(list(token_ids), choice.get("finish_reason"))
+
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            return list(pool.map(one, range(len(prompts))))
+
+
+def _decoding(sampling: Any, index: int) -> dict[str, Any]:
+    """The request's decoding fields from the model's ``Sampling``; a sampled request gets its own
+    seed from the settings' seed and its place, so a rerun draws the same samples."""
+    if sampling.greedy:
+        return {"temperature": 0.0, "top_p": 1.0}
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
+            "seed": sampling.seed * 1_000_003 + index}
+
+
+def _digest(ids: Sequence[int] | None) -> str:
+    return hashlib.sha256(json.dumps(list(ids or [])).encode()).hexdigest()[:12]
