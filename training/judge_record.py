@@ -51,6 +51,23 @@ def recorded(judge_name: str) -> dict[str, Any] | None:
     return doc["judges"].get(judge_name)
 
 
+def agreement_line(judge_name: str, figures: dict[str, Any] | None) -> str:
+    """One line for a run's summary: the judge and its agreement on labels written elsewhere."""
+    measured = (figures or {}).get("pyrit-refusal")
+    if not measured:
+        return f"judge {judge_name}: agreement with human labels not measured on this project's machines"
+    return (f"judge {judge_name}: {100 * measured['agreement']:.1f}% agreement, refusal recall "
+            f"{100 * measured['recall_refusal']:.1f}% on {measured['n']} held-out human labels written elsewhere "
+            "(PyRIT's refusal set; docs/judges.md)")
+
+
+def agreement_table(judge_name: str, figures: dict[str, Any] | None) -> tuple[list[list[Any]], list[str]]:
+    """(rows, header) of the judge's held-out figures, for a report's table."""
+    rows = [[judge_name, name, f["n"], f["agreement"], f["precision_refusal"], f["recall_refusal"]]
+            for name, f in (figures or {}).items()] or [[judge_name, "not measured on this project's machines", "", "", "", ""]]
+    return rows, ["judge", "held-out labels", "pairs", "agreement", "refusal precision", "refusal recall"]
+
+
 def main() -> None:
     from training.judges import OFFLINE_JUDGES
 

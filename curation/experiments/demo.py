@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from curation.experiments.demo_spread import compare_with_reference, spread_line
 from curation.pipeline.probe_job import ProbeTrainSettings, train_probe_for_model
 from curation.pipeline.score import ScoreSettings, score_records
 from curation.pipeline.select import export_selection
@@ -34,6 +35,7 @@ from probes.models import load_model
 from training import report as rpt
 from training.evaluate import EvalSettings, asr_over, evaluate_prompts
 from training.finetune import FinetuneConfig, finetune_lora
+from training.judge_record import agreement_line, agreement_table
 from training.organism.build import OrganismConfig, build_organism, builder_version
 from training.organism.corpus import DEFAULT_SUPPRESSED, safe_target
 from training.organism.corpus import PromptItem as OrganismPrompt
@@ -234,6 +236,11 @@ def _assemble_report(cfg, root, organism_meta, suppressed, probe, probe_report, 
         result["selection"]["pool_share_suppressed"] = store.category_share(
             manifest.model_fingerprint, manifest.probe_id, sorted(suppressed)
         )
+    default = DemoConfig()
+    # The seeds' reference spread is measured on the default demo only.
+    result["reference_spread"] = compare_with_reference(result) if (
+        cfg.size, cfg.moe, cfg.budget, cfg.strategy, tuple(cfg.suppressed)) == (
+        default.size, default.moe, default.budget, default.strategy, tuple(default.suppressed)) else None
     write_json_atomic(root / "report.json", result)
     return result
 
@@ -259,11 +266,7 @@ def _write_html(root: Path, result: dict[str, Any], traces, highlight: set[str])
              (("ASR, suppressed areas", "asr"), ("ASR, all harmful", "asr_all"), ("ASR, other areas", "asr_other_areas"),
               ("over-refusal, harmless", "over_refusal"))],
             ["metric (held-out prompts)", "before", "after"])),
-        ("Judge", rpt.table(
-            [[result["judge"]["name"], name, fig["n"], fig["agreement"], fig["precision_refusal"], fig["recall_refusal"]]
-             for name, fig in (result["judge"].get("held_out_agreement") or {}).items()]
-            or [[result["judge"]["name"], "not measured on this project's machines", "", "", "", ""]],
-            ["judge", "held-out labels", "pairs", "agreement", "refusal precision", "refusal recall"])),
+        ("Judge", rpt.table(*agreement_table(result["judge"]["name"], result["judge"].get("held_out_agreement")))),
         ("Probe layer sweep", rpt.table(
             [[r["layer"], r["heldout_accuracy"], r["heldout_auroc"], r["span_gap"], r["C"]] for r in result["probe"]["sweep"]],
             ["layer", "held-out accuracy", "held-out AUROC", "span gap", "C"]) + f"<p>kept layer {result['probe']['layer']}</p>"),
@@ -290,11 +293,8 @@ def _print_summary(console: Console, result: dict[str, Any]) -> None:
         f"selected {sel['n_selected']} of {sel['n_pool']} ({sel['budget']}, strategy {sel['strategy']}); "
         f"{pct(sel['share_from_suppressed'])} from the suppressed areas (they are {pct(sel['pool_share_suppressed'])} of the pool)"
     )
-    judge = result["judge"]
-    measured = (judge.get("held_out_agreement") or {}).get("pyrit-refusal")
-    console.print(f"judge {judge['name']}: " + (
-        f"{pct(measured['agreement'])} agreement, refusal recall {pct(measured['recall_refusal'])} on {measured['n']} "
-        "held-out human labels written elsewhere (PyRIT's refusal set; docs/judges.md)" if measured
-        else "agreement with human labels not measured on this project's machines"), highlight=False)
+    if result.get("reference_spread") is not None:
+        console.print(spread_line(result["reference_spread"]), highlight=False)
+    console.print(agreement_line(result["judge"]["name"], result["judge"].get("held_out_agreement")), highlight=False)
     console.print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in rpt.stage_times_in_order(result["seconds"])))
     console.print(f"report: {result['paths']['report_html']}  json: {Path(result['paths']['report_html']).with_name('report.json')}")

@@ -232,7 +232,7 @@ def run_bench(s: Settings) -> int:
 
 
 def _vllm_bench(s: Settings) -> int:
-    from curation.experiments.vllm_bench import run_vllm_bench
+    from curation.experiments.vllm_bench import print_vllm_bench, run_vllm_bench
     from probes.files import write_json_atomic
 
     model_dir = Path(s["model"])
@@ -240,20 +240,7 @@ def _vllm_bench(s: Settings) -> int:
         r = run_vllm_bench(str(model_dir), s["probe"], s["prompts"] or str(model_dir / "train_prompts.jsonl"), n=s["n"],
                            max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], url=s["generator_url"],
                            log_dir=Path(s["out"]).parent if s["out"] else model_dir.parent, say=say)
-    table = Table(title=f"generation: {r['n']} prompts, up to {r['max_new_tokens']} new tokens, {r['dtype']}, same prompts both sides")
-    for col in ("generator", "seconds", "output tokens", "output tokens/s"):
-        table.add_column(col, justify="right")
-    for name, key in ((f"HF generate (batch {r['batch_size']})", "hf"), ("vLLM server", "vllm")):
-        side = r[key]
-        table.add_row(name, f"{side['seconds']:.2f}", f"{side['output_tokens']:,}", f"{side['tokens_per_s']:,.0f}")
-    table.add_row("vLLM / HF", "", "", f"{r['ratio_vllm_over_hf_tokens_per_s']:.2f}x")
-    out_console.print(table)
-    probe, parity = r["probe_pass"], r["parity"]
-    out_console.print(f"probe pass (teacher-forced, in-process): {probe['seconds']:.2f} s = {100 * probe['share_of_hf_generation']:.0f}% "
-                      f"of HF generation, {100 * probe['share_of_vllm_generation']:.0f}% of vLLM generation", highlight=False)
-    out_console.print(f"greedy parity: {parity['identical']}/{parity['n']} outputs token-for-token identical", highlight=False)
-    if r["vllm"]["server_startup_s"] is not None:
-        out_console.print(f"server start-up (not timed above): {r['vllm']['server_startup_s']:.0f} s", highlight=False)
+    print_vllm_bench(r, out_console)
     if s["out"]:
         write_json_atomic(s["out"], {"vllm": r})
     return 0

@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 
 def _tokens(gens: list[Any]) -> int:
     return sum(len(g.generated_ids) for g in gens)
@@ -76,3 +79,21 @@ def run_vllm_bench(model_dir: str, probe_dir: str, prompts_file: str, *, n: int,
         "probe_pass": {"seconds": probe_s, "share_of_hf_generation": probe_s / hf_s, "share_of_vllm_generation": probe_s / vllm_s},
         "parity": {"identical": same, "n": len(prompts), "share": same / len(prompts)},
     }
+
+
+def print_vllm_bench(r: dict[str, Any], console: Console) -> None:
+    """The bench's table and the lines under it."""
+    table = Table(title=f"generation: {r['n']} prompts, up to {r['max_new_tokens']} new tokens, {r['dtype']}, same prompts both sides")
+    for col in ("generator", "seconds", "output tokens", "output tokens/s"):
+        table.add_column(col, justify="right")
+    for name, key in ((f"HF generate (batch {r['batch_size']})", "hf"), ("vLLM server", "vllm")):
+        side = r[key]
+        table.add_row(name, f"{side['seconds']:.2f}", f"{side['output_tokens']:,}", f"{side['tokens_per_s']:,.0f}")
+    table.add_row("vLLM / HF", "", "", f"{r['ratio_vllm_over_hf_tokens_per_s']:.2f}x")
+    console.print(table)
+    probe, parity = r["probe_pass"], r["parity"]
+    console.print(f"probe pass (teacher-forced, in-process): {probe['seconds']:.2f} s = {100 * probe['share_of_hf_generation']:.0f}% "
+                  f"of HF generation, {100 * probe['share_of_vllm_generation']:.0f}% of vLLM generation", highlight=False)
+    console.print(f"greedy parity: {parity['identical']}/{parity['n']} outputs token-for-token identical", highlight=False)
+    if r["vllm"]["server_startup_s"] is not None:
+        console.print(f"server start-up (not timed above): {r['vllm']['server_startup_s']:.0f} s", highlight=False)
