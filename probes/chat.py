@@ -19,6 +19,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+RENDERERS = ("template", "openai-harmony")
+
 
 @dataclass(frozen=True)
 class ThinkingFormat:
@@ -38,12 +40,21 @@ class ThinkingFormat:
     after_open: str = "\n"
     before_close: str = "\n"
     after_close: str = "\n\n"
+    # Who renders prompts and turns and parses completions: the model's chat template and these
+    # markers, or OpenAI's harmony library (gpt-oss: probes.harmony).
+    renderer: str = "template"
 
     def __post_init__(self) -> None:
         if not self.open_marker or not self.close_marker:
             raise ValueError("thinking markers must be non-empty strings")
         if self.open_marker == self.close_marker:
             raise ValueError("open_marker and close_marker must differ")
+        if self.renderer not in RENDERERS:
+            raise ValueError(f"renderer must be one of {', '.join(RENDERERS)}, got {self.renderer!r}")
+
+    @property
+    def harmony(self) -> bool:
+        return self.renderer == "openai-harmony"
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,8 @@ class SplitCompletion:
     reasoning: str
     answer: str
     closed: bool  # False when the close marker never appeared (length-capped trace)
+    # Harmony messages that are neither (tool calls, preambles, later analysis), kept as written.
+    other: tuple[Any, ...] = ()
 
 
 def render_generation_prompt(
@@ -63,6 +76,10 @@ def render_generation_prompt(
     If the model's template does not open the block itself, the open marker is
     appended so that every model starts reasoning at the same point.
     """
+    if fmt.harmony:
+        from probes import harmony
+
+        return harmony.render_prompt(user_prompt, fmt.system_prompt, fmt.template_kwargs) + fmt.open_marker + fmt.after_open
     messages: list[dict[str, str]] = []
     if fmt.system_prompt:
         messages.append({"role": "system", "content": fmt.system_prompt})
@@ -141,6 +158,8 @@ def split_completion(text: str, fmt: ThinkingFormat, ends: Sequence[str] = ()) -
     """Cut generated text (everything after the generation prompt) at the close marker; the
     answer (or unclosed reasoning) ends at the first of ``ends`` (``end_tokens``), so neither
     is ever judged or trained with the end marker inside it."""
+    if fmt.harmony:
+        return _split_harmony(text, fmt, ends)
     body = text.lstrip()
     if body.startswith(fmt.open_marker):
         # Some models re-emit the open marker even when the template opened it.
@@ -156,8 +175,24 @@ def split_completion(text: str, fmt: ThinkingFormat, ends: Sequence[str] = ()) -
     return SplitCompletion(reasoning=reasoning, answer=answer, closed=True)
 
 
+def _split_harmony(text: str, fmt: ThinkingFormat, ends: Sequence[str]) -> SplitCompletion:
+    from probes import harmony
+
+    body = text.lstrip().removeprefix("<|start|>assistant")
+    if not body.startswith("<|channel|>"):
+        body = fmt.open_marker + body  # the generation prompt opened the analysis message
+    turn = harmony.parse_turn(body, ends)
+    if not turn.closed and turn.reasoning.startswith(fmt.open_marker):  # nothing parsed: the text as written
+        return SplitCompletion(reasoning=_cut_at_end(text, ends).strip(), answer="", closed=False)
+    return SplitCompletion(reasoning=turn.reasoning, answer=turn.answer, closed=turn.closed, other=turn.other)
+
+
 def build_completion(reasoning: str, answer: str, fmt: ThinkingFormat) -> str:
     """Reasoning, close marker and answer: the assistant-turn text after the prompt."""
+    if fmt.harmony:
+        from probes import harmony
+
+        return harmony.render_turn(reasoning, answer).removeprefix(fmt.open_marker)
     return f"{reasoning_with_close(reasoning, fmt)}{fmt.after_close}{answer.strip()}"
 
 

@@ -4,7 +4,8 @@ Every check measures one figure on the model in hand, with random directions
 and a few synthetic prompts, and compares it with a limit:
 
 - the template renders, a completion's thinking span is found, and a training
-  target written in the family's format round-trips through tokenizer and template;
+  target written in the family's format round-trips through tokenizer and template
+  (gpt-oss: openai-harmony's prompt agrees with the checkpoint's template);
 - weight orthogonalisation equals ablation by hooks (and the ablation moves the logits);
 - the router edit with every scale 1.0 leaves the logits unchanged, and a masked
   expert receives no tokens (it did before the mask);
@@ -74,6 +75,10 @@ def check_template(ctx: DoctorContext) -> list[CheckResult]:
         same = turn is not None and turn.reasoning == REASONING and turn.answer.startswith(ANSWER)
         detail = "" if same else f"template writes the turn as {rendered[-120:]!r}"
     results.append(make_check("target round-trips", "prompt + target decode and split back unchanged", float(same), same, detail))
+    if fmt.harmony:
+        from probes.doctor_harmony import check_harmony_prompt
+
+        results.append(check_harmony_prompt(tok, fmt))
     return results
 
 

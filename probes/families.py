@@ -102,6 +102,8 @@ HARMONY = ThinkingFormat(
     after_open="",
     before_close="",
     after_close="<|start|>assistant<|channel|>final<|message|>",
+    template_kwargs={"reasoning_effort": "medium"},
+    renderer="openai-harmony",
 )
 _SOFTMAX_NORM = RouterSpec("softmax", renormalize="norm_topk_prob")
 

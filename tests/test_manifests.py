@@ -72,6 +72,9 @@ def test_manifest_chat_template_opens_exactly_one_thinking_block(path: Path, lm:
     fmt = thinking_format(raw)
     text = render_generation_prompt(tok, "Is it safe?", fmt)
     assert text.rstrip().endswith(fmt.open_marker)
+    if fmt.harmony:  # openai-harmony renders it; <|end|> ends every message, the user's turn too
+        assert text.endswith("Is it safe?<|end|><|start|>assistant" + fmt.open_marker)
+        return
     assert text.count(fmt.open_marker) == 1 and fmt.close_marker not in text
 
 

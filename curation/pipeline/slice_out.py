@@ -53,6 +53,11 @@ def removed_on_failure(*paths: Path) -> Iterator[None]:
 
 
 def write_slice(records: Sequence[dict[str, Any]], out: Path, out_format: str) -> None:
+    """The slice in ``out_format``. A harmony pool's rows may carry ``other_messages`` (tool calls and
+    preambles kept beside the pair): a list in JSON lines, a JSON string column in the tabular formats."""
+    extra = any("other_messages" in r for r in records) and out_format != "jsonl"
+    if extra:
+        records = [{**r, "other_messages": orjson.dumps(r.get("other_messages", [])).decode()} for r in records]
     if out_format == "jsonl":
         with atomic_path(out) as tmp, tmp.open("wb") as fh:
             for record in records:
@@ -62,11 +67,13 @@ def write_slice(records: Sequence[dict[str, Any]], out: Path, out_format: str) -
         import polars as pl
 
         with atomic_path(out) as tmp:
-            pl.DataFrame(list(records), schema=_polars_schema()).write_parquet(tmp)
+            schema = {**_polars_schema(), **({"other_messages": pl.String} if extra else {})}
+            pl.DataFrame(list(records), schema=schema).write_parquet(tmp)
     elif out_format == "hf":
         from datasets import Dataset, Features, Value
 
-        features = Features({name: Value(kind) for name, kind in _HF_TYPES.items()})
+        types = {**_HF_TYPES, **({"other_messages": "string"} if extra else {})}
+        features = Features({name: Value(kind) for name, kind in types.items()})
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         try:
             Dataset.from_list(list(records), features=features).save_to_disk(str(tmp))
