@@ -68,6 +68,11 @@ demo: install
 # skipped with the reason (pytest -rs prints it), never passed silently.
 test: install
 	$(MAKE) engine || echo "make engine failed (above): the vLLM engine tests will be skipped"
+	# Headless Chromium for the report explorer's browser test, where this machine lets us install it.
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { timeout 600 apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { timeout 300 apt-get update -q >/dev/null 2>&1 && timeout 600 apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium could not be installed: the report's browser test will be skipped"
 	$(PY) -m pytest -q -rs
 
 lint: install

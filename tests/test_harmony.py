@@ -104,3 +104,25 @@ def test_doctor_compares_the_library_with_the_checkpoints_template(tiny_dirs: di
     lm.tokenizer.chat_template = lm.tokenizer.chat_template.replace("Knowledge cutoff: 2024-06", "Knowledge cutoff: 2099-01")
     result = check_harmony_prompt(lm.tokenizer, fmt)
     assert not result.passed and "99-01" in result.detail
+
+
+@pytest.mark.parametrize("out_format", ["jsonl", "parquet"])
+def test_exports_keep_the_other_messages_beside_the_pair(tmp_path: Path, out_format: str) -> None:
+    import json
+
+    import polars as pl
+
+    from curation.pipeline.slice_out import write_slice
+
+    base = {"id": "a", "prompt": "p", "reasoning": "r", "answer": "x", "category": None, "source": "s",
+            "misalignment": 0.5, "rank": 0}
+    call = {"channel": "commentary", "recipient": "functions.lookup", "content_type": "<|constrain|>json", "text": "{}"}
+    records = [{**base, "other_messages": [call]}, {**base, "id": "b", "rank": 1}]
+    out = tmp_path / f"slice.{out_format}"
+    write_slice(records, out, out_format)
+    if out_format == "jsonl":
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert rows[0]["other_messages"] == [call] and "other_messages" not in rows[1]
+    else:
+        frame = pl.read_parquet(out)
+        assert [json.loads(v) for v in frame["other_messages"]] == [[call], []]

@@ -21,9 +21,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from curation.experiments.demo_spread import compare_with_reference, spread_line
+from curation.experiments.demo_console import print_summary
+from curation.experiments.demo_spread import compare_with_reference
 from curation.pipeline.probe_job import ProbeTrainSettings, train_probe_for_model
 from curation.pipeline.score import ScoreSettings, score_records
 from curation.pipeline.select import export_selection
@@ -35,7 +35,7 @@ from probes.models import load_model
 from training import report as rpt
 from training.evaluate import EvalSettings, asr_over, evaluate_prompts
 from training.finetune import FinetuneConfig, finetune_lora
-from training.judge_record import agreement_line, agreement_table
+from training.judge_record import agreement_table
 from training.organism.build import OrganismConfig, build_organism, builder_version
 from training.organism.corpus import DEFAULT_SUPPRESSED, safe_target
 from training.organism.corpus import PromptItem as OrganismPrompt
@@ -178,8 +178,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     result = _assemble_report(cfg, root, organism_meta, suppressed, probe, probe_report, summary, manifest,
                               selected_categories, n_pool_written, n_retain, ft_summary, before, after,
                               stages.seconds, time.monotonic() - started)
-    _write_html(root, result, traces, set(manifest.ids))
-    _print_summary(console, result)
+    _write_html(root, result, traces, set(manifest.ids), _explorer(root, manifest, tuned, fmt))
+    print_summary(console, result)
     return result
 
 
@@ -245,7 +245,15 @@ def _assemble_report(cfg, root, organism_meta, suppressed, probe, probe_report, 
     return result
 
 
-def _write_html(root: Path, result: dict[str, Any], traces, highlight: set[str]) -> None:
+def _explorer(root: Path, manifest: Any, lm: Any, fmt: ThinkingFormat) -> str:
+    from curation.experiments.explorer import explorer_data, explorer_section
+
+    with Store(root / "curate.duckdb", read_only=True) as store:
+        return explorer_section(explorer_data(store, manifest.model_fingerprint, manifest.probe_id, set(manifest.ids),
+                                              lm.tokenizer, fmt, lm.end_tokens, settings_sha256=manifest.generation_settings))
+
+
+def _write_html(root: Path, result: dict[str, Any], traces, highlight: set[str], explorer: str) -> None:
     cliff_png = rpt.plot_cliff_traces(traces, highlight, path=root / "cliff.png")
     ms_png = rpt.plot_misalignment_by_category(traces)
     asr_png = rpt.plot_asr({
@@ -266,6 +274,7 @@ def _write_html(root: Path, result: dict[str, Any], traces, highlight: set[str])
              (("ASR, suppressed areas", "asr"), ("ASR, all harmful", "asr_all"), ("ASR, other areas", "asr_other_areas"),
               ("over-refusal, harmless", "over_refusal"))],
             ["metric (held-out prompts)", "before", "after"])),
+        ("Examples: why each row was selected", explorer),
         ("Judge", rpt.table(*agreement_table(result["judge"]["name"], result["judge"].get("held_out_agreement")))),
         ("Probe layer sweep", rpt.table(
             [[r["layer"], r["heldout_accuracy"], r["heldout_auroc"], r["span_gap"], r["C"]] for r in result["probe"]["sweep"]],
@@ -274,27 +283,3 @@ def _write_html(root: Path, result: dict[str, Any], traces, highlight: set[str])
         ("Stage times (s)", rpt.table(rpt.stage_times_in_order(result["seconds"]), ["stage", "seconds"])),
     ]
     rpt.write_html_report(root / "report.html", "cliff-curate demo report", sections)
-
-
-def _print_summary(console: Console, result: dict[str, Any]) -> None:
-    def pct(v: float | None) -> str:
-        return "—" if v is None else f"{100 * v:.1f}%"
-
-    sel = result["selection"]
-    table = Table(title="cliff-curate demo (model organism)")
-    table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_row("ASR, suppressed areas (held-out)", pct(result["asr"]["before"]), pct(result["asr"]["after"]))
-    table.add_row("ASR, all harmful (held-out)", pct(result["asr_all"]["before"]), pct(result["asr_all"]["after"]))
-    table.add_row("over-refusal, harmless (held-out)", pct(result["over_refusal"]["before"]), pct(result["over_refusal"]["after"]))
-    console.print(table)
-    console.print(
-        f"selected {sel['n_selected']} of {sel['n_pool']} ({sel['budget']}, strategy {sel['strategy']}); "
-        f"{pct(sel['share_from_suppressed'])} from the suppressed areas (they are {pct(sel['pool_share_suppressed'])} of the pool)"
-    )
-    if result.get("reference_spread") is not None:
-        console.print(spread_line(result["reference_spread"]), highlight=False)
-    console.print(agreement_line(result["judge"]["name"], result["judge"].get("held_out_agreement")), highlight=False)
-    console.print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in rpt.stage_times_in_order(result["seconds"])))
-    console.print(f"report: {result['paths']['report_html']}  json: {Path(result['paths']['report_html']).with_name('report.json')}")
