@@ -5,7 +5,7 @@ and a few synthetic prompts, and compares it with a limit:
 
 - the template renders, a completion's thinking span is found, and a training
   target written in the family's format round-trips through tokenizer and template
-  (gpt-oss: openai-harmony's prompt agrees with the checkpoint's template);
+  (gpt-oss: the checkpoint's template writes the same turns as openai-harmony);
 - weight orthogonalisation equals ablation by hooks (and the ablation moves the logits);
 - the router edit with every scale 1.0 leaves the logits unchanged, and a masked
   expert receives no tokens (it did before the mask);

@@ -99,11 +99,19 @@ def test_doctor_compares_the_library_with_the_checkpoints_template(tiny_dirs: di
 
     lm = load_model(tiny_dirs["gpt_oss"])
     fmt = family_of(lm.model).thinking
-    assert fmt.harmony and check_harmony_prompt(lm.tokenizer, fmt).passed  # differs only in the date line
-    # A template whose system message says something else is caught, and where.
-    lm.tokenizer.chat_template = lm.tokenizer.chat_template.replace("Knowledge cutoff: 2024-06", "Knowledge cutoff: 2099-01")
+    template = lm.tokenizer.chat_template
+    assert fmt.harmony and check_harmony_prompt(lm.tokenizer, fmt).passed  # the template adds today's date; allowed
+    # The system message's meta lines may differ (identity, cutoff, date), not the reasoning effort ...
+    lm.tokenizer.chat_template = template.replace("Knowledge cutoff: 2024-06", "Knowledge cutoff: 2099-01")
+    assert check_harmony_prompt(lm.tokenizer, fmt).passed
+    lm.tokenizer.chat_template = template.replace("Reasoning: {{", "Reasoning level: {{")
     result = check_harmony_prompt(lm.tokenizer, fmt)
-    assert not result.passed and "99-01" in result.detail
+    assert not result.passed and "Reasoning: medium" in result.detail
+    # ... and the turns after it must be the same text: a template that writes the user's turn
+    # another way is caught, and where.
+    lm.tokenizer.chat_template = template.replace("<|start|>user<|message|>", "<|start|>user <|message|>")
+    result = check_harmony_prompt(lm.tokenizer, fmt)
+    assert not result.passed and "differ at character" in result.detail and "template ' <|message|>" in result.detail
 
 
 @pytest.mark.parametrize("out_format", ["jsonl", "parquet"])

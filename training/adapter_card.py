@@ -44,6 +44,13 @@ def _robust_line(info: object) -> str:
     if not isinstance(info, dict):
         return "- trained plainly (no attack in the loop)"
     c = info["config"]
+    if "lat" in info:
+        s = info["lat"]
+        return (f"- trained against steering (`--robust --robust-method lat`, latent adversarial training): p={c['p']}; "
+                f"a PGD perturbation of the residual stream entering layers {s['perturbed_layers']}, {c['lat_steps']} ascent steps, "
+                f"per-token L2 bound {c['lat_epsilon']} x the residual norm (largest reached {s['max_relative_norm']:.3f}); "
+                f"{s['attacked']} of {s['steps']} loss computations attacked, on {s['harmful_rows']} harmful rows; the retain "
+                "rows trained unperturbed")
     return (f"- trained against steering (`--robust`): p={c['p']} per step over {', '.join(c['attacks'])}; "
             f"{sum(info['attacked'].values())} of {info['steps']} steps attacked {info['attacked']}; direction at layer "
             f"{info['direction_layer']}, position {info['direction_position']}, refreshed {info['refreshes']} times")

@@ -17,10 +17,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from probes.chat import ThinkingFormat
+from probes.chat import ThinkingFormat, render_generation_prompt
 from probes.files import path_sha256
 from probes.models import LoadedModel, load_model
 from probes.rows import iter_rows
@@ -190,8 +191,10 @@ def finetune_lora(
             if labels["with_close_marker_and_answer"] < labels["examples"]:
                 log(f"warning: {labels['examples'] - labels['with_close_marker_and_answer']} training examples do not train "
                     f"on the close marker and the answer (examples {labels['missing']})")
-            loop = None
-            if cfg.robust is not None:
+            loop, adversary = None, None
+            if cfg.robust is not None and cfg.robust.method == "lat":
+                adversary = _latent_adversary(trainer, tokenizer, harmful_prompts, fmt, cfg.robust)
+            elif cfg.robust is not None:
                 loop = _attack_in_the_loop(lm, trainer.model, harmful_prompts, harmless_prompts, fmt, cfg)
                 trainer.add_callback(robust_callback(loop))
             try:
@@ -200,6 +203,8 @@ def finetune_lora(
                 if loop is not None:
                     loop.close()  # an exception mid-step must not leave a hook on the model
             robust_summary = robust.summary(loop) if loop is not None else None
+            if adversary is not None:
+                robust_summary = {"config": asdict(cfg.robust), "lat": asdict(adversary.state)}
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -228,6 +233,18 @@ def finetune_lora(
         shutil.rmtree(out)
     tmp.rename(out)
     return summary
+
+
+def _latent_adversary(trainer: Any, tokenizer: Any, harmful: list[str], fmt: ThinkingFormat,
+                      rc: RobustConfig) -> Any:
+    """PGD on the residual stream inside every attacked step (training.lat), on the slice's harmful rows."""
+    from training.lat import LatConfig, LatentAdversary, install
+
+    prefixes = [tokenizer(render_generation_prompt(tokenizer, p, fmt), add_special_tokens=False).input_ids for p in harmful]
+    adversary = LatentAdversary(trainer.model, prefixes, LatConfig(p=rc.p, epsilon=rc.lat_epsilon, steps=rc.lat_steps,
+                                                                   layer_fraction=rc.lat_layer_fraction, seed=rc.seed))
+    install(trainer, adversary)
+    return adversary
 
 
 def _attack_in_the_loop(lm: LoadedModel, model: torch.nn.Module, harmful: list[str], harmless: list[str],

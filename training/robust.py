@@ -41,6 +41,8 @@ from probes.models import LoadedModel
 from probes.steering import ablate_direction, add_vector
 
 ROBUST_ATTACKS = ("ablate", "actadd", "expert-mask")
+# random: the sampled attacks above; lat: latent adversarial training (training.lat), PGD on the residual stream.
+ROBUST_METHODS = ("random", "lat")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,12 @@ class RobustConfig:
     refresh_steps: int = 10  # re-extract the direction from the model being trained every N steps
     expert_k: int = 2  # MoE: refusal experts masked in an expert-mask step
     seed: int = 0
+    method: str = "random"
+    # --robust-method lat (training.lat): per-token L2 bound relative to the residual norm, ascent steps,
+    # share of the last layers perturbed; p above is then the share of steps trained under PGD.
+    lat_epsilon: float = 0.5
+    lat_steps: int = 4
+    lat_layer_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.p <= 1:
@@ -63,6 +71,8 @@ class RobustConfig:
             raise ValueError(f"--robust-coefficients must be positive numbers, got {self.coefficients}")
         if self.refresh_steps < 1:
             raise ValueError(f"--robust-refresh-steps must be at least 1, got {self.refresh_steps}")
+        if self.method not in ROBUST_METHODS:
+            raise ValueError(f"--robust-method must be one of {', '.join(ROBUST_METHODS)}, got {self.method!r}")
         bad = sorted(set(self.attacks) - set(ROBUST_ATTACKS))
         if bad or not self.attacks:
             raise ValueError(f"--robust-attacks: {bad or 'none given'}; choose from {', '.join(ROBUST_ATTACKS)}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-ROWS: dict[str, tuple[str, str, bool] | None] = {  # (strategy, budget, robust fine-tune); None: the base model
+# (strategy, budget, robust fine-tune: False, True for --robust-method random with the setting robust-sweep
+# chose, or "lat" for latent adversarial training at its defaults); None: the base model.
+ROWS: dict[str, tuple[str, str, bool | str] | None] = {
     "base": None,
     "cliff 1.7%": ("cliff", "1.7%", False),
     "random 1.7%": ("random", "1.7%", False),
@@ -10,6 +12,7 @@ ROWS: dict[str, tuple[str, str, bool] | None] = {  # (strategy, budget, robust f
     "cliff 1.7% robust": ("cliff", "1.7%", True),
     "random 1.7% robust": ("random", "1.7%", True),
     "full robust": ("full", "100%", True),
+    "cliff 1.7% robust-lat": ("cliff", "1.7%", "lat"),
 }
 # Re-tuned on every row's own validation prompts: the attacks the robust fine-tune targets.
 ADAPTIVE_ATTACKS = ("ablate", "actadd")

@@ -81,14 +81,14 @@ def _adapter_for(row: str, root: Path, out: Path, exp: AttackExperiment, fmt: Th
     if spec is None:
         return None
     strategy, budget, robust = spec
-    name = run_name(strategy, budget, 0) + ("_robust" if robust else "")
+    name = run_name(strategy, budget, 0) + ("_robust-lat" if robust == "lat" else "_robust" if robust else "")
     base = fingerprint_model_dir(root / "organism")
     finetune, wanted = exp.finetune, None
     if robust:
         base_kit = out / "kits" / "base"
         if not (base_kit / "kit.json").exists():
             raise ValueError(f"row {row!r} trains against the base model's attack kit: put 'base' before it in --rows")
-        setting = exp.robust_by_organism.get(label, exp.robust)
+        setting = RobustConfig(method="lat") if robust == "lat" else exp.robust_by_organism.get(label, exp.robust)
         finetune = replace(exp.finetune, robust=setting, robust_kit=str(base_kit))
         wanted = json.loads(json.dumps(asdict(setting)))
     for candidate in (root / "experiment_selection" / "runs" / name, out / "runs" / name):

@@ -142,7 +142,8 @@ def run_finetune(s: Settings) -> int:
         robust = RobustConfig(p=s["robust_p"], attacks=tuple(comma_list(s["robust_attacks"])), layer_fraction=s["robust_layer_fraction"],
                               coefficients=tuple(float(x) for x in comma_list(s["robust_coefficients"])),
                               refresh_steps=s["robust_refresh_steps"],
-                              expert_k=s["robust_expert_k"], seed=s["seed"])
+                              expert_k=s["robust_expert_k"], seed=s["seed"], method=s["robust_method"],
+                              lat_epsilon=s["lat_epsilon"], lat_steps=s["lat_steps"], lat_layer_fraction=s["lat_layer_fraction"])
     elif s["robust_kit"]:
         raise ValueError("--robust-kit is read by --robust only")
     cfg = FinetuneConfig(epochs=s["epochs"], learning_rate=s["learning_rate"], batch_size=s["batch_size"],
@@ -162,6 +163,12 @@ def run_finetune(s: Settings) -> int:
 ROBUST_OPTIONS = [
     Option("--robust", None, False, "train against steering: attacks mounted on sampled steps (needs --retain)"),
     Option("--robust-p", float, 0.75, "probability that a step trains under an attack"),
+    Option("--robust-method", str, "random", "random: attacks sampled per step (--robust-attacks); lat: latent adversarial "
+           "training, a PGD perturbation of the residual stream found inside each attacked step on the slice's harmful "
+           "prompts (--lat-*), the retain rows trained unperturbed", choices=("random", "lat")),
+    Option("--lat-epsilon", float, 0.5, "lat: per-token L2 bound of the perturbation, relative to the residual norm"),
+    Option("--lat-steps", int, 4, "lat: PGD ascent steps per attacked step", minimum=1),
+    Option("--lat-layer-fraction", float, 1.0, "lat: share of the decoder layers perturbed (the last ones)"),
     Option("--robust-attacks", str, "ablate,actadd,expert-mask", "attacks drawn from: ablate (the direction projected out "
            "at random layers), actadd (the direction subtracted at a random layer), expert-mask (MoE, with --robust-kit)"),
     Option("--robust-layer-fraction", float, 0.5, "share of layers an ablate step ablates"),
