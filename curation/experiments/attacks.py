@@ -23,6 +23,7 @@ resumes.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -91,7 +92,8 @@ def _adapter_for(row: str, root: Path, out: Path, exp: AttackExperiment, fmt: Th
         setting = RobustConfig(method="lat") if robust == "lat" else exp.robust_by_organism.get(label, exp.robust)
         finetune = replace(exp.finetune, robust=setting, robust_kit=str(base_kit))
         wanted = json.loads(json.dumps(asdict(setting)))
-    for candidate in (root / "experiment_selection" / "runs" / name, out / "runs" / name):
+    # The matrix's own adapter first: its kits and cells were made on it.
+    for candidate in (out / "runs" / name, root / "experiment_selection" / "runs" / name):
         meta = candidate / "adapter" / "finetune.json"
         if not meta.exists():
             continue
@@ -149,6 +151,7 @@ def run_organism(label: str, root: Path, exp: AttackExperiment, fmt: ThinkingFor
         adapter = _adapter_for(row, root, out, exp, fmt, label)
         lm = load_model(root / "organism", adapter=adapter)
         kit_dir = out / "kits" / row.replace(" ", "_").replace("%", "pct")
+        _drop_if_stale(kit_dir, out / "cells", lm.fingerprint, progress, f"{label} {row}")
         if (kit_dir / "kit.json").exists():
             kit = AttackKit.load_for(kit_dir, lm)
         else:
@@ -179,6 +182,23 @@ def run_organism(label: str, root: Path, exp: AttackExperiment, fmt: ThinkingFor
     return {"organism": label, "workdir": str(root), "suppressed": sorted(suppressed), "cells": cells,
             "strengths": base_kit.strengths if base_kit else {}, "validation": base_kit.validation if base_kit else {},
             "direction": _direction_summary(base_kit) if base_kit else None}
+
+
+def _drop_if_stale(kit_dir: Path, cells_dir: Path, fingerprint: str, progress: Callable[[str], None] | None,
+                   what: str) -> None:
+    """A row whose model changed since its kit was made (its adapter was trained again, the organism
+    rebuilt): the row's kits and finished cells are the matrix's own cache of another model, so they
+    are removed and made again, never reused."""
+    meta = kit_dir / "kit.json"
+    if not meta.exists() or json.loads(meta.read_text()).get("model_fingerprint") == fingerprint:
+        return
+    if progress is not None:
+        progress(f"{what}: its model changed since its kit was made; its kit and cells are made again")
+    for folder in (kit_dir, kit_dir.with_name(kit_dir.name + "__adaptive")):
+        if folder.exists():
+            shutil.rmtree(folder)
+    for cell in cells_dir.glob(f"{kit_dir.name}__*.json"):
+        cell.unlink()
 
 
 def _saved_cell(path: Path, what: str, progress: Callable[[str], None] | None, row: str,
