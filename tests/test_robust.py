@@ -136,3 +136,12 @@ def test_the_sweep_rule_and_the_matrix_read_the_chosen_setting(tmp_path: Path) -
     doc.write_text(json.dumps({"organisms": [{"organism": "dense", "rows": rows, "chosen": "a"}]}))
     chosen = _chosen_settings(str(doc), ["dense", "moe"])
     assert set(chosen) == {"dense"} and chosen["dense"] == RobustConfig(p=1.0, attacks=("ablate",), layer_fraction=1.0)
+
+
+def test_the_lat_grid_is_named_apart_and_each_robust_row_takes_its_own_methods_choice() -> None:
+    from curation.experiments.robust_sweep import _setting_name, default_grid, lat_grid
+
+    names = [_setting_name(c) for c in lat_grid()]
+    assert len(set(names)) == len(names) and all(n.startswith("lat_eps") for n in names)
+    assert not set(names) & {_setting_name(c) for c in default_grid()}
+    assert all(c.method == "lat" for c in lat_grid()) and all(c.method == "random" for c in default_grid())

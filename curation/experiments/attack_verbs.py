@@ -184,14 +184,16 @@ EXPERIMENT_ATTACKS_VERB = Verb("experiment attacks", "ASR matrix: base and fine-
 
 def run_experiment_robust_sweep(s: Settings) -> int:
     from curation.experiments.attacks import matrix_kit_settings
-    from curation.experiments.robust_sweep import SWEEP_ATTACKS, RobustSweep, run_robust_sweep
+    from curation.experiments.robust_sweep import SWEEP_ATTACKS, RobustSweep, default_grid, lat_grid, run_robust_sweep
 
     organisms = comma_list(s["organisms"])
     if not organisms or any(o not in ("dense", "moe") for o in organisms):
         raise ValueError(f"--organisms: choose from dense,moe (got {s['organisms']!r})")
     workdirs = {"dense": s["dense_workdir"], "moe": s["moe_workdir"]}
     batch_size = at_least_one(s, "batch_size")
-    sweep = RobustSweep(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], kit=matrix_kit_settings(batch_size))
+    grid = lat_grid() if s["method"] == "lat" else default_grid()
+    sweep = RobustSweep(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], kit=matrix_kit_settings(batch_size),
+                        grid=grid)
     sweep.eval_settings = replace(sweep.eval_settings, batch_size=batch_size)
     with stages("robust sweep") as say:
         doc = run_robust_sweep(sweep, thinking_format(s), progress=say, console=out_console)
@@ -215,6 +217,8 @@ EXPERIMENT_ROBUST_SWEEP_VERB = Verb("experiment robust-sweep", "choose finetune 
         Option("--dense-workdir", str, "runs/demo", "demo work directory of the dense organism (made if missing)"),
         Option("--moe-workdir", str, "runs/demo-moe", "demo work directory of the MoE organism (made if missing)"),
         Option("--out", str, "runs/robust_sweep", "output folder"),
+        Option("--method", str, "random", "which --robust-method's settings to sweep: random (p, layers, refresh) or "
+               "lat (epsilon, p)", choices=("random", "lat")),
         Option("--batch-size", int, 64, "generation batch size", minimum=1),
 ] + MARKER_OPTIONS, run_experiment_robust_sweep,
     outputs=(Output("--out", folder=True, appends=True),), inputs=())

@@ -89,7 +89,11 @@ def _adapter_for(row: str, root: Path, out: Path, exp: AttackExperiment, fmt: Th
         base_kit = out / "kits" / "base"
         if not (base_kit / "kit.json").exists():
             raise ValueError(f"row {row!r} trains against the base model's attack kit: put 'base' before it in --rows")
-        setting = RobustConfig(method="lat") if robust == "lat" else exp.robust_by_organism.get(label, exp.robust)
+        # The sweep's choice for this organism where it swept this row's method, else the method's defaults.
+        method = "lat" if robust == "lat" else "random"
+        chosen = exp.robust_by_organism.get(label)
+        default = RobustConfig(method="lat") if method == "lat" else exp.robust
+        setting = chosen if chosen is not None and chosen.method == method else default
         finetune = replace(exp.finetune, robust=setting, robust_kit=str(base_kit))
         wanted = json.loads(json.dumps(asdict(setting)))
     # The matrix's own adapter first: its kits and cells were made on it.

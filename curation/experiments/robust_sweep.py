@@ -38,6 +38,11 @@ from training.robust import RobustConfig
 SWEEP_ATTACKS = ("none", *ADAPTIVE_ATTACKS)
 
 
+def lat_grid() -> list[RobustConfig]:
+    """Latent adversarial training (--robust-method lat): the perturbation's bound and the share of steps."""
+    return [RobustConfig(method="lat", p=p, lat_epsilon=e) for e in (0.1, 0.25, 0.5) for p in (0.5, 1.0)]
+
+
 def default_grid() -> list[RobustConfig]:
     grid = [RobustConfig(p=p, layer_fraction=f) for p in (0.25, 0.5, 0.75, 1.0) for f in (0.5, 1.0)]
     return grid + [RobustConfig(p=1.0, layer_fraction=0.5, refresh_steps=r) for r in (2, 50)]
@@ -58,6 +63,8 @@ class RobustSweep:
 def _setting_name(cfg: RobustConfig | None) -> str:
     if cfg is None:
         return "plain"
+    if cfg.method == "lat":
+        return f"lat_eps{cfg.lat_epsilon:g}_p{cfg.p:g}_steps{cfg.lat_steps}_layers{cfg.lat_layer_fraction:g}"
     return f"p{cfg.p:g}_layers{cfg.layer_fraction:g}_refresh{cfg.refresh_steps}"
 
 
