@@ -86,6 +86,17 @@ def scored_db(lm: LoadedModel, probe: RefusalProbe, candidates: Path, tmp_path_f
 
 
 @pytest.fixture(scope="session")
+def cliff_slice(scored_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cliff 1.7% selection of the session's scored pool, exported once (tests only read it)."""
+    from curation.pipeline.select import export_selection
+
+    sel = tmp_path_factory.mktemp("slice") / "sel.jsonl"
+    with Store(scored_db, read_only=True) as store:
+        export_selection(store, sel, strategy="cliff", budget_text="1.7%", fmt=FMT)
+    return sel
+
+
+@pytest.fixture(scope="session")
 def retain_file(lm: LoadedModel, organism_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("retain") / "retain.jsonl"
     harmless = [p for p in read_prompts(organism_dir / "train_prompts.jsonl") if not p.harmful][:48]

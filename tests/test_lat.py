@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from curation.pipeline.select import export_selection
-from curation.pipeline.store import Store
 from probes.models import LoadedModel, load_model
 from training.finetune import FinetuneConfig, finetune_lora
 from training.lat import LatConfig, project
@@ -36,11 +34,9 @@ def test_the_projection_keeps_every_token_inside_its_ball() -> None:
 
 
 def test_lat_finetune_respects_its_bound_and_leaves_a_plain_adapter(
-    lm: LoadedModel, scored_db: Path, organism_dir: Path, retain_file: Path, tmp_path: Path
+    lm: LoadedModel, cliff_slice: Path, organism_dir: Path, retain_file: Path, tmp_path: Path
 ) -> None:
-    sel = tmp_path / "sel.jsonl"
-    with Store(scored_db, read_only=True) as store:
-        export_selection(store, sel, strategy="cliff", budget_text="1.7%", fmt=FMT)
+    sel = cliff_slice
     cfg = FinetuneConfig(epochs=2, robust=RobustConfig(p=1.0, method="lat", lat_epsilon=0.3, lat_steps=3))
     summary = finetune_lora(organism_dir, sel, tmp_path / "lat", cfg, FMT, retain_file=retain_file)
     info = summary["robust"]["lat"]

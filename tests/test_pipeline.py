@@ -116,11 +116,9 @@ def test_select_random_full_and_errors(scored_db: Path, tmp_path: Path) -> None:
 
 
 def test_finetune_on_the_cliff_slice_lowers_suppressed_asr(
-    lm: LoadedModel, scored_db: Path, organism_dir: Path, retain_file: Path, tmp_path: Path
+    lm: LoadedModel, cliff_slice: Path, organism_dir: Path, retain_file: Path, tmp_path: Path
 ) -> None:
-    sel = tmp_path / "sel.jsonl"
-    with Store(scored_db, read_only=True) as store:
-        export_selection(store, sel, strategy="cliff", budget_text="1.7%", fmt=FMT)
+    sel = cliff_slice
     retain = retain_file
     assert len(retain.read_text().splitlines()) >= 40
     adapter = tmp_path / "adapter"

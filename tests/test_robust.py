@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from curation.pipeline.select import export_selection
-from curation.pipeline.store import Store
 from probes.chat import render_generation_prompt
 from probes.models import LoadedModel, load_model
 from training.finetune import FinetuneConfig, finetune_lora
@@ -64,11 +62,9 @@ def test_sampled_attacks_steer_during_a_step_and_leave_no_hook(lm: LoadedModel, 
 
 
 def test_robust_finetune_saves_an_adapter_that_runs_without_hooks(
-    lm: LoadedModel, scored_db: Path, organism_dir: Path, retain_file: Path, tmp_path: Path
+    lm: LoadedModel, cliff_slice: Path, organism_dir: Path, retain_file: Path, tmp_path: Path
 ) -> None:
-    sel = tmp_path / "sel.jsonl"
-    with Store(scored_db, read_only=True) as store:
-        export_selection(store, sel, strategy="cliff", budget_text="1.7%", fmt=FMT)
+    sel = cliff_slice
     plain_cfg = FinetuneConfig(epochs=2)
     robust_cfg = FinetuneConfig(epochs=2, robust=RobustConfig(p=1.0, attacks=("ablate", "actadd"), refresh_steps=2))
     plain = finetune_lora(organism_dir, sel, tmp_path / "plain", plain_cfg, FMT, retain_file=retain_file)

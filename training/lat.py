@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from probes.capture import find_decoder_layers
+from probes.capture import capture_block_inputs, find_decoder_layers
+from probes.steering import add_vector
 
 
 @dataclass(frozen=True)
@@ -65,44 +66,13 @@ class LatState:
 
 
 @contextmanager
-def perturbed(layers: Sequence[torch.nn.Module], deltas: Sequence[torch.Tensor], mask: torch.Tensor):
-    """Adds ``deltas[i] * mask`` to the hidden states entering ``layers[i]`` (forward pre-hooks, removed
-    on exit, exceptions included)."""
-    handles = []
-
-    def hook_for(delta: torch.Tensor) -> Callable[..., Any]:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            shifted = hidden + (delta[:, : hidden.shape[1]] * mask).to(hidden.dtype)
-            if args:
-                return (shifted, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": shifted}
-
-        return hook
-
-    try:
-        for layer, delta in zip(layers, deltas, strict=True):
-            handles.append(layer.register_forward_pre_hook(hook_for(delta), with_kwargs=True))
+def perturbed(model: torch.nn.Module, layer_ids: Sequence[int], deltas: Sequence[torch.Tensor], mask: torch.Tensor):
+    """Adds ``deltas[i] * mask`` to the residual stream entering layer ``layer_ids[i]``: one
+    ``probes.steering.add_vector`` per layer (its hooks are removed on exit, exceptions included)."""
+    with ExitStack() as stack:
+        for layer, delta in zip(layer_ids, deltas, strict=True):
+            stack.enter_context(add_vector(model, delta * mask, [layer], 1.0))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def recorded_inputs(layers: Sequence[torch.nn.Module]):
-    """The hidden states entering each of ``layers`` on the next forward (detached)."""
-    seen: dict[int, torch.Tensor] = {}
-    handles = []
-    try:
-        for i, layer in enumerate(layers):
-            def hook(module, args, kwargs, i=i):  # noqa: ANN001 - the pre-hook signature
-                seen[i] = (args[0] if args else kwargs["hidden_states"]).detach()
-            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def project(delta: torch.Tensor, hidden: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -122,7 +92,6 @@ class LatentAdversary:
         blocks = find_decoder_layers(model)
         k = max(1, round(cfg.layer_fraction * len(blocks)))
         self.layer_ids = list(range(len(blocks) - k, len(blocks)))
-        self.blocks = [blocks[i] for i in self.layer_ids]
         self.state = LatState(perturbed_layers=self.layer_ids)
         self.rng = random.Random(cfg.seed)
 
@@ -142,13 +111,13 @@ class LatentAdversary:
         before = hook_count(self.model)
         self.state.attacked += 1
         self.state.harmful_rows += int(mask.sum())
-        with recorded_inputs(self.blocks) as seen, torch.no_grad():
+        with capture_block_inputs(self.model, self.layer_ids) as seen, torch.no_grad():
             clean = _plain_loss(model, inputs)
-        hidden = [seen[i] for i in range(len(self.blocks))]
+        hidden = [seen[i] for i in self.layer_ids]
         deltas = [torch.zeros_like(h, dtype=torch.float32, requires_grad=True) for h in hidden]
         step_size = 2.5 * self.cfg.epsilon / self.cfg.steps
         for _ in range(self.cfg.steps):
-            with perturbed(self.blocks, deltas, mask):
+            with perturbed(self.model, self.layer_ids, deltas, mask):
                 loss = _plain_loss(model, inputs)
             grads = torch.autograd.grad(loss, deltas, allow_unused=True)
             with torch.no_grad():
@@ -163,7 +132,7 @@ class LatentAdversary:
         for d, h in zip(fixed, hidden, strict=True):
             ratio = (d.norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-12)).max()
             self.state.max_relative_norm = max(self.state.max_relative_norm, float(ratio))
-        with perturbed(self.blocks, fixed, mask):
+        with perturbed(self.model, self.layer_ids, fixed, mask):
             out = loss_fn(model, inputs, **kwargs)
         attacked_loss = out[0] if isinstance(out, tuple) else out
         self.state.loss_clean.append(round(float(clean), 4))

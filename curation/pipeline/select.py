@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from curation.pipeline.slice_out import card_path, content_sha256, removed_on_failure, write_card, write_slice
-from curation.pipeline.sources import other_messages, split_response
+from curation.pipeline.sources import response_parts
 from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
 from probes.files import write_json_atomic
@@ -196,8 +196,7 @@ def export_selection(
     out = Path(out)
     records = []
     for rank, (example_id, prompt, response, category, source, ms, own_reasoning) in enumerate(rows):
-        cand_reasoning, answer = split_response(response, fmt, ends)
-        other = other_messages(response, fmt, ends)
+        cand_reasoning, answer, other = response_parts(response, fmt, ends)
         records.append({
             "id": example_id,
             "prompt": prompt,

@@ -67,25 +67,24 @@ def content_id(prompt: str, response: str) -> str:
 def split_response(response: str, fmt: ThinkingFormat, ends: Sequence[str] = ()) -> tuple[str, str]:
     """(reasoning, answer) of a candidate's response; without a close marker the
     whole response is the answer. The answer ends at the first of ``ends`` (the model's end tokens)."""
+    reasoning, answer, _ = response_parts(response, fmt, ends)
+    return reasoning, answer
+
+
+def response_parts(response: str, fmt: ThinkingFormat, ends: Sequence[str] = ()) -> tuple[str, str, list[dict[str, Any]]]:
+    """(reasoning, answer, other messages) of a candidate's response, read once. The other messages
+    are a harmony response's tool calls, preambles and later analysis, as written (exports keep them
+    beside the pair); every other format has none."""
     if fmt.harmony:
         if "<|channel|>" not in response:  # no harmony header at all: a plain answer
-            return "", split_completion(fmt.close_marker + response, replace(fmt, renderer="template"), ends).answer
+            return "", split_completion(fmt.close_marker + response, replace(fmt, renderer="template"), ends).answer, []
         split = split_completion(response, fmt, ends)
-        return split.reasoning, split.answer
+        return split.reasoning, split.answer, [asdict(m) for m in split.other]
     idx = response.find(fmt.close_marker)
     if idx < 0:
-        return "", split_completion(fmt.close_marker + response, fmt, ends).answer
+        return "", split_completion(fmt.close_marker + response, fmt, ends).answer, []
     split = split_completion(response, fmt, ends)
-    return split.reasoning.replace(fmt.open_marker, "").strip(), split.answer
-
-
-def other_messages(response: str, fmt: ThinkingFormat, ends: Sequence[str] = ()) -> list[dict[str, str | None]]:
-    """A harmony response's messages that are neither its reasoning nor its answer (tool calls,
-    preambles, later analysis), as written: exports keep them beside the pair. Empty for any
-    other format."""
-    if not fmt.harmony or "<|channel|>" not in response:
-        return []
-    return [asdict(m) for m in split_completion(response, fmt, ends).other]
+    return split.reasoning.replace(fmt.open_marker, "").strip(), split.answer, []
 
 
 def _validate(obj: object) -> tuple[dict[str, Any] | None, str | None]:
