@@ -15,6 +15,7 @@ from torch import nn
 from curation.cli.main import main
 from curation.experiments.attack_kit import KitSettings, prepare_attack_kit
 from curation.experiments.attacks import AttackExperiment, run_attack_experiment
+from curation.experiments.budgeted_attacker import BudgetSettings
 from probes.capture import capture_block_inputs, capture_residual, find_decoder_layers
 from probes.directions import DirectionSettings, RefusalDirection
 from probes.experts import (
@@ -259,6 +260,7 @@ def test_attack_matrix_runs_and_resumes(organism_dir: Path, scored_db: Path, ret
                            rows=["base", "cliff 1.7%", "cliff 1.7% robust"], kit=SMALL_KIT)
     exp.finetune.epochs = 2
     exp.eval_settings = EvalSettings(max_new_tokens=64, keep_samples=True)
+    exp.budget = BudgetSettings(bisection_steps=3, alpha_fractions=(1.0,), ablate_candidates=1, curve_alphas=(1.0, 4.0))
     doc = run_attack_experiment(exp, FMT)
     (org,) = doc["organisms"]
     static = [c for c in org["cells"] if c["attacker"] == "base-tuned"]
@@ -266,14 +268,22 @@ def test_attack_matrix_runs_and_resumes(organism_dir: Path, scored_db: Path, ret
     assert {(c["row"], c["attack"]) for c in static} == {(r, a) for r in exp.rows for a in exp.attacks}
     # The adaptive attacker re-tunes the attacks it reports (of those asked for) on every fine-tuned row.
     assert {(c["row"], c["attack"]) for c in adaptive} == {("cliff 1.7%", "ablate"), ("cliff 1.7% robust", "ablate")}
+    # The budgeted attacker runs on every row, base included, and keeps within its budget on validation.
+    budgeted = [c for c in org["cells"] if c["attacker"] == "adaptive-budgeted"]
+    assert {(c["row"], c["attack"]) for c in budgeted} == {(r, "ablate") for r in exp.rows}
+    for c in budgeted:
+        assert c["kl_budget"] == exp.budget.kl_budget
+        assert c["params"] is None or c["kl_validation"] <= exp.budget.kl_budget
     assert all(c["kl_harmless"] is not None and c["kl_harmless"] >= 0 for c in org["cells"])
     assert next(c for c in org["cells"] if c["attack"] == "none")["kl_harmless"] == pytest.approx(0.0, abs=1e-6)
     robust_meta = json.loads((tmp_path / "attacks" / "dense" / "runs" / "cliff_1.7pct_s0_robust" / "adapter" / "finetune.json").read_text())
     assert robust_meta["robust"]["hooks_left"] == 0 and robust_meta["robust"]["config"]["p"] == exp.robust.p
     assert robust_meta["robust"]["direction_layer"] == static[0]["direction_at"][0]  # the base kit's choice
-    assert (tmp_path / "attacks" / "attacks_experiment.html").read_text().count("data:image/png;base64") == 2
+    # Heat maps of the base-tuned, adaptive and budgeted attackers (no α curve: actadd was not asked for).
+    assert (tmp_path / "attacks" / "attacks_experiment.html").read_text().count("data:image/png;base64") == 3
     # A rerun reuses every finished cell instead of evaluating again.
-    monkeypatch.setattr("curation.experiments.attacks._cell", lambda *a, **k: pytest.fail("cell recomputed"))
+    monkeypatch.setattr("curation.experiments.attack_cells.cell", lambda *a, **k: pytest.fail("cell recomputed"))
+    monkeypatch.setattr("curation.experiments.attack_cells.tune_budgeted", lambda *a, **k: pytest.fail("search rerun"))
     again = run_attack_experiment(exp, FMT)
     assert [c["asr"] for c in again["organisms"][0]["cells"]] == [c["asr"] for c in org["cells"]]
 

@@ -131,13 +131,22 @@ def test_the_sweep_rule_and_the_matrix_read_the_chosen_setting(tmp_path: Path) -
     doc = tmp_path / "robust_sweep.json"
     doc.write_text(json.dumps({"organisms": [{"organism": "dense", "rows": rows, "chosen": "a"}]}))
     chosen = _chosen_settings(str(doc), ["dense", "moe"])
-    assert set(chosen) == {"dense"} and chosen["dense"] == RobustConfig(p=1.0, attacks=("ablate",), layer_fraction=1.0)
+    assert set(chosen) == {"dense"} and chosen["dense"] == [RobustConfig(p=1.0, attacks=("ablate",), layer_fraction=1.0)]
+    # One file per swept method, comma-separated: each organism keeps one choice per method.
+    other = tmp_path / "lat.json"
+    lat_row = row("e", {"method": "lat", "p": 1.0, "lat_epsilon": 0.25}, 0.0, 0.05, 0.0, 0.0)
+    other.write_text(json.dumps({"organisms": [{"organism": "dense", "rows": [rows[0], lat_row], "chosen": "e"}]}))
+    both = _chosen_settings(f"{doc},{other}", ["dense"])
+    assert [c.method for c in both["dense"]] == ["random", "lat"] and both["dense"][1].lat_epsilon == 0.25
 
 
 def test_the_lat_grid_is_named_apart_and_each_robust_row_takes_its_own_methods_choice() -> None:
-    from curation.experiments.robust_sweep import _setting_name, default_grid, lat_grid
+    from curation.experiments.robust_sweep import _setting_name, adaptive_grid, default_grid, lat_grid
 
     names = [_setting_name(c) for c in lat_grid()]
     assert len(set(names)) == len(names) and all(n.startswith("lat_eps") for n in names)
-    assert not set(names) & {_setting_name(c) for c in default_grid()}
+    adaptive = [_setting_name(c) for c in adaptive_grid()]
+    assert len(set(adaptive)) == len(adaptive) and all(n.startswith("adaptive_") for n in adaptive)
+    assert not set(names) & {_setting_name(c) for c in default_grid()} and not set(adaptive) & set(names)
     assert all(c.method == "lat" for c in lat_grid()) and all(c.method == "random" for c in default_grid())
+    assert all(c.method == "adaptive" for c in adaptive_grid())

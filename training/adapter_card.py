@@ -51,6 +51,14 @@ def _robust_line(info: object) -> str:
                 f"per-token L2 bound {c['lat_epsilon']} x the residual norm (largest reached {s['max_relative_norm']:.3f}); "
                 f"{s['attacked']} of {s['steps']} loss computations attacked, on {s['harmful_rows']} harmful rows; the retain "
                 "rows trained unperturbed")
+    if c.get("method") == "adaptive":
+        last = info["retuned"][-1] if info.get("retuned") else []
+        places = ", ".join("layer {} α {:g}".format(p["layer"], p["alpha"]) for p in last) or "none within the budget"
+        return (f"- trained against steering (`--robust --robust-method adaptive`, against the re-tuned attacker): p={c['p']} "
+                f"per step over {', '.join(c['attacks'])}; {sum(info['attacked'].values())} of {info['steps']} steps attacked "
+                f"{info['attacked']}; actadd re-tuned {len(info.get('retuned', []))} times within harmless KL {c['kl_budget']} "
+                f"(the {c['tune_top']} strongest places kept; at the last re-tuning: "
+                f"{places})")
     return (f"- trained against steering (`--robust`): p={c['p']} per step over {', '.join(c['attacks'])}; "
             f"{sum(info['attacked'].values())} of {info['steps']} steps attacked {info['attacked']}; direction at layer "
             f"{info['direction_layer']}, position {info['direction_position']}, refreshed {info['refreshes']} times")

@@ -19,7 +19,8 @@ from probes.chat import ThinkingFormat, build_completion, render_generation_prom
 from probes.models import LoadedModel
 
 
-def _encode(lm: LoadedModel, pairs: Sequence[tuple[str, str, str]], fmt: ThinkingFormat) -> list[tuple[list[int], int]]:
+def encode_completions(lm: LoadedModel, pairs: Sequence[tuple[str, str, str]], fmt: ThinkingFormat) -> list[tuple[list[int], int]]:
+    """(ids of generation prompt + completion, prompt length) for each (prompt, reasoning, answer)."""
     out = []
     for prompt, reasoning, answer in pairs:
         prompt_ids = lm.tokenizer.encode(render_generation_prompt(lm.tokenizer, prompt, fmt), add_special_tokens=False)
@@ -46,7 +47,7 @@ def harmless_kl(
     this is the attack's own damage to ordinary answers."""
     if not pairs:
         raise ValueError("drift needs at least one harmless (prompt, reasoning, answer) pair")
-    encoded = _encode(base, pairs, fmt)
+    encoded = encode_completions(base, pairs, fmt)
     pad = base.tokenizer.pad_token_id or 0
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):

@@ -134,11 +134,8 @@ def finetune_lora(
     pairs = read_training_pairs(data_file)
     n_safety = len(pairs)
     harmful_prompts = [p["prompt"] for p in pairs]
-    harmless_prompts: list[str] = []
     if retain_file is not None:
-        retain = read_training_pairs(retain_file)
-        harmless_prompts = [p["prompt"] for p in retain]
-        pairs = pairs + retain
+        pairs = pairs + read_training_pairs(retain_file)
     lm = load_model(model_path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     tokenizer = lm.tokenizer
     tokenizer.padding_side = "right"  # training batches pad on the right
@@ -195,7 +192,7 @@ def finetune_lora(
             if cfg.robust is not None and cfg.robust.method == "lat":
                 adversary = _latent_adversary(trainer, tokenizer, harmful_prompts, fmt, cfg.robust)
             elif cfg.robust is not None:
-                loop = _attack_in_the_loop(lm, trainer.model, harmful_prompts, harmless_prompts, fmt, cfg)
+                loop = _attack_in_the_loop(lm, trainer.model, pairs[:n_safety], pairs[n_safety:], fmt, cfg)
                 trainer.add_callback(robust_callback(loop))
             try:
                 result = trainer.train()
@@ -247,11 +244,20 @@ def _latent_adversary(trainer: Any, tokenizer: Any, harmful: list[str], fmt: Thi
     return adversary
 
 
-def _attack_in_the_loop(lm: LoadedModel, model: torch.nn.Module, harmful: list[str], harmless: list[str],
-                        fmt: ThinkingFormat, cfg: FinetuneConfig) -> robust.AttackInTheLoop:
-    """The sampled attacks for --robust, on the model the trainer trains (the base with its adapter)."""
+def _attack_in_the_loop(lm: LoadedModel, model: torch.nn.Module, harmful: list[dict[str, str]],
+                        harmless: list[dict[str, str]], fmt: ThinkingFormat, cfg: FinetuneConfig) -> robust.AttackInTheLoop:
+    """The sampled attacks for --robust, on the model the trainer trains (the base with its adapter);
+    with --robust-method adaptive, actadd re-tuned against it (training.retuned_attacker)."""
+    from training.retuned_attacker import RetunedActadd
+
     assert cfg.robust is not None
+    rc = cfg.robust
     training_lm = replace(lm, model=model)
+    tuner = None
+    if rc.method == "adaptive":
+        rows = [[(p["prompt"], p["reasoning"], p["answer"]) for p in side] for side in (harmful, harmless)]
+        tuner = RetunedActadd(training_lm, rows[0], rows[1], fmt, rc.kl_budget, top=rc.tune_top,
+                              max_prompts=rc.tune_prompts, seed=rc.seed)
     direction_at, experts = None, None
     if cfg.robust_kit:
         from training.attacks import AttackKit
@@ -259,7 +265,8 @@ def _attack_in_the_loop(lm: LoadedModel, model: torch.nn.Module, harmful: list[s
         kit = AttackKit.load_for(cfg.robust_kit, lm)
         direction_at = (kit.direction.layer, kit.direction.position)
         experts = kit.refusal_experts(cfg.robust.expert_k) if kit.is_moe else None
-    return robust.AttackInTheLoop(training_lm, harmful, harmless, fmt, cfg.robust, direction_at, experts)
+    return robust.AttackInTheLoop(training_lm, [p["prompt"] for p in harmful], [p["prompt"] for p in harmless], fmt, rc,
+                                  direction_at, experts, tuner)
 
 
 def export_merged(model_path: str | Path, adapter: str | Path, out_dir: str | Path, cfg: FinetuneConfig) -> Path:

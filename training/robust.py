@@ -39,10 +39,13 @@ from probes.directions import DirectionSettings, extract_refusal_direction
 from probes.experts import scale_expert_routing
 from probes.models import LoadedModel
 from probes.steering import ablate_direction, add_vector
+from training.retuned_attacker import Place, RetunedActadd
 
 ROBUST_ATTACKS = ("ablate", "actadd", "expert-mask")
-# random: the sampled attacks above; lat: latent adversarial training (training.lat), PGD on the residual stream.
-ROBUST_METHODS = ("random", "lat")
+# random: the sampled attacks above; lat: latent adversarial training (training.lat), PGD on the residual stream;
+# adaptive: the sampled attacks, with actadd's place and strength re-tuned against the model being trained
+# within a KL budget (training.retuned_attacker).
+ROBUST_METHODS = ("random", "lat", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,12 @@ class RobustConfig:
     lat_epsilon: float = 0.5
     lat_steps: int = 4
     lat_layer_fraction: float = 1.0
+    # --robust-method adaptive (training.retuned_attacker): the utility budget the re-tuned actadd is held
+    # to (harmless KL, nats per token: the matrix's budgeted attacker's), the places kept per refresh,
+    # and the rows per side each re-tuning reads (its cost).
+    kl_budget: float = 0.1
+    tune_top: int = 3
+    tune_prompts: int = 16
 
     def __post_init__(self) -> None:
         if not 0 <= self.p <= 1:
@@ -71,6 +80,8 @@ class RobustConfig:
             raise ValueError(f"--robust-coefficients must be positive numbers, got {self.coefficients}")
         if self.refresh_steps < 1:
             raise ValueError(f"--robust-refresh-steps must be at least 1, got {self.refresh_steps}")
+        if not self.kl_budget > 0 or self.tune_top < 1 or self.tune_prompts < 1:
+            raise ValueError("--robust-kl-budget must be positive, --robust-tune-top and --robust-tune-prompts at least 1")
         if self.method not in ROBUST_METHODS:
             raise ValueError(f"--robust-method must be one of {', '.join(ROBUST_METHODS)}, got {self.method!r}")
         bad = sorted(set(self.attacks) - set(ROBUST_ATTACKS))
@@ -93,6 +104,10 @@ class RobustState:
     # Most hooks left on the model after a step's attack was closed, over all steps: 0. Counted
     # against the step's start, since the trainer keeps hooks of its own (inputs that require grad).
     hooks_left: int = 0
+    # --robust-method adaptive: the places the re-tuned attacker kept at each refresh (layer, position,
+    # α, KL, loss gain), and the actadd steps that found none within the budget (drawn at random instead).
+    retuned: list[list[dict[str, float]]] = field(default_factory=list)
+    actadd_untuned: int = 0
 
 
 class AttackInTheLoop:
@@ -100,7 +115,8 @@ class AttackInTheLoop:
 
     def __init__(self, lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], fmt: ThinkingFormat,
                  cfg: RobustConfig, direction_at: tuple[int, int] | None = None,
-                 refusal_experts: Sequence[tuple[int, int]] | None = None) -> None:
+                 refusal_experts: Sequence[tuple[int, int]] | None = None,
+                 tuner: RetunedActadd | None = None) -> None:
         if not harmful or not harmless:
             raise ValueError("--robust needs harmful prompts (the slice) and harmless ones (--retain) to take the "
                              f"refusal direction from; got {len(harmful)} harmful and {len(harmless)} harmless")
@@ -116,6 +132,10 @@ class AttackInTheLoop:
         self.rng = random.Random(cfg.seed)
         self.stack = ExitStack()
         self.vectors: torch.Tensor | None = None  # [layers, positions, hidden] of the model being trained
+        if cfg.method == "adaptive" and tuner is None:
+            raise ValueError("--robust-method adaptive needs the re-tuned attacker (training.retuned_attacker)")
+        self.tuner = tuner
+        self.places: list[Place] = []
         self.hooks_before_step: int | None = None
 
     def refresh(self) -> None:
@@ -131,6 +151,13 @@ class AttackInTheLoop:
         assert direction.all_vectors is not None
         self.vectors = direction.all_vectors.detach().clone()
         self.direction = direction.vector.detach().clone()
+        if self.tuner is not None:
+            model.eval()
+            try:
+                self.places = self.tuner.retune(self.vectors)
+            finally:
+                model.train(was_training)
+            self.state.retuned = self.tuner.history
         self.state.refreshes += 1
         self.state.direction_norms.append(round(float(self.direction.norm()), 6))
 
@@ -149,7 +176,12 @@ class AttackInTheLoop:
             k = max(1, round(self.cfg.layer_fraction * self.n_layers))
             layers = self.rng.sample(range(self.n_layers), k)
             self.stack.enter_context(ablate_direction(self.lm.model, self.direction, layers))
+        elif kind == "actadd" and self.places:
+            place = self.rng.choice(self.places)
+            vector = self.vectors[place.layer, place.position]
+            self.stack.enter_context(add_vector(self.lm.model, vector, [place.layer], -place.alpha))
         elif kind == "actadd":
+            self.state.actadd_untuned += self.tuner is not None
             layer = self.rng.randrange(self.n_layers)
             vector = self.vectors[layer, self.rng.randrange(self.vectors.shape[1])]
             if float(vector.norm()) == 0:

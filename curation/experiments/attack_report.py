@@ -12,7 +12,10 @@ from training import report as rpt
 
 def attacker_cells(organism: dict[str, Any], attacker: str) -> list[dict[str, Any]]:
     """The cells one attacker sees: the adaptive attacker's, and on rows it did not re-tune for
-    (the base row, where it is the base-tuned attacker) the base-tuned cells."""
+    (the base row, where it is the base-tuned attacker) the base-tuned cells; the budgeted
+    attacker's own cells (it runs on every row)."""
+    if attacker == "adaptive-budgeted":
+        return [c for c in organism["cells"] if c.get("attacker") == attacker]
     static = [c for c in organism["cells"] if c.get("attacker", "base-tuned") == "base-tuned"]
     if attacker == "base-tuned":
         return static
@@ -52,6 +55,41 @@ def _heatmap(organism: dict[str, Any], rows: Sequence[str], attacker: str = "bas
     return rpt.png_base64(fig)
 
 
+def _alpha_curves(organism: dict[str, Any]) -> str | None:
+    """Held-out ASR (coherent compliance) against α at the budgeted attacker's place, one line per
+    row, the budget's own α marked."""
+    import matplotlib.pyplot as plt
+
+    curves = [c for c in organism["cells"] if c.get("alpha_curve")]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for c in curves:
+        points = c["alpha_curve"]
+        line, = ax.plot([p["alpha"] for p in points], [100 * (p["asr"] or 0) for p in points], marker=".", label=c["row"])
+        chosen = [p for p in points if p["budget_choice"]]
+        ax.scatter([p["alpha"] for p in chosen], [100 * (p["asr"] or 0) for p in chosen], s=70, color=line.get_color(),
+                   edgecolor="black", zorder=3)
+    ax.set_xlabel("α (multiples of the row's own difference in means)")
+    ax.set_ylabel("held-out ASR, coherent (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title(f"{organism['organism']}: actadd at the budgeted attacker's place (ringed: the α within the budget)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return rpt.png_base64(fig)
+
+
+def _budgeted_section(organism: dict[str, Any]) -> str:
+    rows = []
+    for c in attacker_cells(organism, "adaptive-budgeted"):
+        curve = "; ".join(f"α {p['alpha']:g}: {100 * (p['asr'] or 0):.0f}% ({p['n_no_answer']} unfinished, KL "
+                          f"{'—' if p['kl_harmless'] is None else format(p['kl_harmless'], '.2f')})" for p in c.get("alpha_curve", []))
+        rows.append([c["row"], c["attack"], c["asr"], c.get("asr_judge"), c["over_refusal"], c["kl_budget"], c.get("kl_validation"),
+                     c["kl_harmless"], c["n_no_answer"], json.dumps(c["params"]), c.get("note") or curve])
+    return rpt.table(rows, ["model", "attack", "ASR (coherent)", "ASR (judged)", "over-refusal", "KL budget",
+                            "KL reached (validation)", "KL held-out", "no answer", "setting", "α curve (held-out) / note"])
+
+
 def write_attacks_html(path: Path, doc: dict[str, Any]) -> None:
     sections: list[tuple[str, str]] = []
     for org in doc["organisms"]:
@@ -60,6 +98,13 @@ def write_attacks_html(path: Path, doc: dict[str, Any]) -> None:
         if any(c.get("attacker") == "adaptive" for c in org["cells"]):
             sections.append((f"{org['organism']}: attack matrix, adaptive attacker",
                              rpt.img(_heatmap(org, rows, "adaptive"), "ASR heat map, adaptive attacker")))
+        if any(c.get("attacker") == "adaptive-budgeted" for c in org["cells"]):
+            sections.append((f"{org['organism']}: budgeted adaptive attacker", rpt.img(_heatmap(org, rows, "adaptive-budgeted"),
+                                                                                      "ASR heat map, budgeted attacker")
+                             + _budgeted_section(org)))
+            curves = _alpha_curves(org)
+            if curves:
+                sections.append((f"{org['organism']}: ASR against α (actadd)", rpt.img(curves, "ASR against alpha")))
         table = [[c["row"], c["attack"], c.get("attacker", "base-tuned"), c["asr"], c["asr_suppressed"], c["asr_other"],
                   c["over_refusal"], c["kl_harmless"], c["n_no_answer"], json.dumps(c.get("direction_at")), json.dumps(c["params"])]
                  for c in org["cells"]]
@@ -84,5 +129,7 @@ def write_attacks_html(path: Path, doc: dict[str, Any]) -> None:
                      "were tuned on the base model's validation split (train prompts, never the held-out ones) for the "
                      "base-tuned attacker, and on each row's own model and validation split for the adaptive one. KL is "
                      "per token on the base model's own harmless answers, steered model against the same model "
-                     "unsteered (prompt templates are not part of it).</p>"))
+                     "unsteered (prompt templates are not part of it). The budgeted adaptive attacker searches the same "
+                     "space as the adaptive one, held to a KL budget on the row's own harmless validation answers, and "
+                     "counts only coherent compliance (the reasoning closed, the answer not degenerate).</p>"))
     rpt.write_html_report(path, "Steering attacks before and after fine-tuning", sections)

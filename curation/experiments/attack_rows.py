@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-# (strategy, budget, robust fine-tune: False, True for --robust-method random with the setting robust-sweep
-# chose, or "lat" for latent adversarial training at its defaults); None: the base model.
+# (strategy, budget, robust fine-tune: False; True for --robust-method random; or the method's name, "lat"
+# for latent adversarial training, "adaptive" for training against the re-tuned actadd attacker), each robust
+# row with the setting robust-sweep chose for its method where given, else the method's defaults; None: the base model.
 ROWS: dict[str, tuple[str, str, bool | str] | None] = {
     "base": None,
     "cliff 1.7%": ("cliff", "1.7%", False),
@@ -13,6 +14,7 @@ ROWS: dict[str, tuple[str, str, bool | str] | None] = {
     "random 1.7% robust": ("random", "1.7%", True),
     "full robust": ("full", "100%", True),
     "cliff 1.7% robust-lat": ("cliff", "1.7%", "lat"),
+    "cliff 1.7% robust-adaptive": ("cliff", "1.7%", "adaptive"),
 }
 # Re-tuned on every row's own validation prompts: the attacks the robust fine-tune targets.
 ADAPTIVE_ATTACKS = ("ablate", "actadd")

@@ -99,31 +99,38 @@ ATTACKS_EXPORT_VERB = Verb("attacks export", "save a copy of the model with the 
     outputs=(Output("--out", folder=True),), inputs=("--model", "--adapter", "--attack-kit"))
 
 
-def _cell_text(cells: dict, adaptive: dict, row: str, attack: str) -> str:
-    """ASR under the base-tuned attacker (over-refusal) / ASR under the adaptive attacker."""
+def _cell_text(cells: dict, adaptive: dict, budgeted: dict, row: str, attack: str) -> str:
+    """ASR under the base-tuned attacker (over-refusal) / under the adaptive attacker / under the budgeted one."""
     if (row, attack) not in cells:
         return "—"
     c = cells[row, attack]
     text = f"{100 * c['asr']:.0f}% ({100 * (c['over_refusal'] or 0):.0f}%)"
     if (row, attack) in adaptive and row != "base":
         text += f" / {100 * adaptive[row, attack]['asr']:.0f}%"
+    elif (row, attack) in budgeted:
+        text += " / ·"  # the base row: the adaptive attacker is the base-tuned one
+    if (row, attack) in budgeted:
+        text += f" / {100 * (budgeted[row, attack]['asr'] or 0):.0f}%"
     return text
 
 
-def _chosen_settings(path: str, organisms: list[str]) -> dict:
-    """Each organism's robust setting as curate experiment robust-sweep chose it on validation prompts."""
+def _chosen_settings(paths: str, organisms: list[str]) -> dict:
+    """Each organism's robust settings as curate experiment robust-sweep chose them on validation
+    prompts, one per swept method, from one or more (comma-separated) robust_sweep.json files."""
     from training.robust import RobustConfig
 
-    check_input_file(path, "--robust-from")
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    chosen = {}
-    for org in doc.get("organisms", []):
-        if org.get("organism") in organisms and org.get("chosen"):
-            row = next(r for r in org["rows"] if r["setting"] == org["chosen"])
-            chosen[org["organism"]] = RobustConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in row["robust"].items()})
+    chosen: dict[str, list[RobustConfig]] = {}
+    for path in comma_list(paths):
+        check_input_file(path, "--robust-from")
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        for org in doc.get("organisms", []):
+            if org.get("organism") in organisms and org.get("chosen"):
+                row = next(r for r in org["rows"] if r["setting"] == org["chosen"])
+                cfg = RobustConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in row["robust"].items()})
+                chosen.setdefault(org["organism"], []).append(cfg)
     missing = [o for o in organisms if o not in chosen]
     if missing:
-        console.print(f"[yellow]warning:[/] --robust-from {path}: no setting chosen for {', '.join(missing)}; "
+        console.print(f"[yellow]warning:[/] --robust-from {paths}: no setting chosen for {', '.join(missing)}; "
                       "their robust rows use the defaults")
     return chosen
 
@@ -131,6 +138,7 @@ def _chosen_settings(path: str, organisms: list[str]) -> dict:
 def run_experiment_attacks(s: Settings) -> int:
     from curation.experiments.attack_report import attacker_cells
     from curation.experiments.attacks import AttackExperiment, matrix_kit_settings, run_attack_experiment
+    from curation.experiments.budgeted_attacker import BudgetSettings
 
     organisms = [o.strip() for o in s["organisms"].split(",") if o.strip()]
     bad = [o for o in organisms if o not in ("dense", "moe")]
@@ -144,7 +152,8 @@ def run_experiment_attacks(s: Settings) -> int:
     workdirs = {"dense": s["dense_workdir"], "moe": s["moe_workdir"]}
     batch_size = at_least_one(s, "batch_size")
     exp = AttackExperiment(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], attacks=attacks, rows=rows,
-                           kit=matrix_kit_settings(batch_size), adaptive=tuple(comma_list(s["adaptive"])))
+                           kit=matrix_kit_settings(batch_size), adaptive=tuple(comma_list(s["adaptive"])),
+                           budget=BudgetSettings(kl_budget=s["kl_budget"]) if s["kl_budget"] else None)
     exp.eval_settings = replace(exp.eval_settings, batch_size=batch_size)
     if s["robust_from"]:
         exp.robust_by_organism = _chosen_settings(s["robust_from"], organisms)
@@ -158,10 +167,14 @@ def run_experiment_attacks(s: Settings) -> int:
             table.add_column(row, justify="right")
         cells = {(c["row"], c["attack"]): c for c in attacker_cells(org, "base-tuned")}
         adaptive = {(c["row"], c["attack"]): c for c in attacker_cells(org, "adaptive")}
+        budgeted = {(c["row"], c["attack"]): c for c in org["cells"] if c.get("attacker") == "adaptive-budgeted"}
         for a in names:
-            table.add_row(a, *[_cell_text(cells, adaptive, r, a) for r in doc["rows"]])
+            table.add_row(a, *[_cell_text(cells, adaptive, budgeted, r, a) for r in doc["rows"]])
         out_console.print(table)
-        out_console.print("cells: ASR under the base-tuned attacker (over-refusal) / ASR under the adaptive attacker", highlight=False)
+        out_console.print("cells: ASR under the base-tuned attacker (over-refusal) / under the adaptive attacker / under the "
+                          f"budgeted adaptive attacker (KL ≤ {exp.budget.kl_budget:g}, coherent compliance only)"
+                          if exp.budget else "cells: ASR under the base-tuned attacker (over-refusal) / under the adaptive attacker",
+                          highlight=False)
     out_console.print(f"{doc['seconds']:.0f} s; report: {Path(s['out']) / 'attacks_experiment.html'}")
     return 0
 
@@ -173,25 +186,35 @@ EXPERIMENT_ATTACKS_VERB = Verb("experiment attacks", "ASR matrix: base and fine-
         Option("--rows", str, ",".join(ROWS), "models to attack (robust rows need base first: its kit steers their training)"),
         Option("--adaptive", str, ",".join(ADAPTIVE_ATTACKS), "attacks the adaptive attacker re-tunes on each row's own "
                "validation prompts; empty: base-tuned attacker only"),
+        Option("--kl-budget", float, 0.1, "the budgeted adaptive attacker's utility budget: harmless KL (nats per token) "
+               "on validation answers, the same for every row; 0: no budgeted attacker", minimum=0.0),
         Option("--attacks", str, None, "comma-separated attacks (default: all the model supports)"),
-        Option("--robust-from", str, None, "robust_sweep.json from curate experiment robust-sweep: each organism's robust "
-               "rows train with the setting it chose on validation prompts"),
+        Option("--robust-from", str, None, "robust_sweep.json files (comma-separated, one per swept method) from curate "
+               "experiment robust-sweep: each organism's robust rows train with the setting chosen for their method on "
+               "validation prompts"),
         Option("--out", str, "runs/attacks", "output folder"),
         Option("--batch-size", int, 64, "generation batch size (evaluation, selection and tuning)", minimum=1),
 ] + MARKER_OPTIONS, run_experiment_attacks,
     outputs=(Output("--out", folder=True, appends=True),), inputs=("--robust-from",))
 
 
+def _sweep_cell(c: dict | None) -> str:
+    if c is None:
+        return "—"
+    text = f"{100 * (c['asr'] or 0):.0f}%"
+    return text + (f" ({100 * c['over_refusal']:.0f}%)" if c.get("over_refusal") is not None else "")
+
+
 def run_experiment_robust_sweep(s: Settings) -> int:
     from curation.experiments.attacks import matrix_kit_settings
-    from curation.experiments.robust_sweep import SWEEP_ATTACKS, RobustSweep, default_grid, lat_grid, run_robust_sweep
+    from curation.experiments.robust_sweep import RobustSweep, adaptive_grid, default_grid, lat_grid, run_robust_sweep
 
     organisms = comma_list(s["organisms"])
     if not organisms or any(o not in ("dense", "moe") for o in organisms):
         raise ValueError(f"--organisms: choose from dense,moe (got {s['organisms']!r})")
     workdirs = {"dense": s["dense_workdir"], "moe": s["moe_workdir"]}
     batch_size = at_least_one(s, "batch_size")
-    grid = lat_grid() if s["method"] == "lat" else default_grid()
+    grid = {"lat": lat_grid, "adaptive": adaptive_grid}.get(s["method"], default_grid)()
     sweep = RobustSweep(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], kit=matrix_kit_settings(batch_size),
                         grid=grid)
     sweep.eval_settings = replace(sweep.eval_settings, batch_size=batch_size)
@@ -200,12 +223,12 @@ def run_experiment_robust_sweep(s: Settings) -> int:
     for org in doc["organisms"]:
         table = Table(title=f"{org['organism']} organism, cliff 1.7%: validation ASR (over-refusal) by robust setting")
         table.add_column("setting")
-        for a in SWEEP_ATTACKS:
+        columns = list(dict.fromkeys(a for row in org["rows"] for a in row["cells"]))
+        for a in columns:
             table.add_column(a, justify="right")
         for row in org["rows"]:
             mark = " (chosen)" if row["setting"] == org["chosen"] else ""
-            table.add_row(row["setting"] + mark, *[f"{100 * (row['cells'][a]['asr'] or 0):.0f}% "
-                                                   f"({100 * (row['cells'][a]['over_refusal'] or 0):.0f}%)" for a in SWEEP_ATTACKS])
+            table.add_row(row["setting"] + mark, *[_sweep_cell(row["cells"].get(a)) for a in columns])
         out_console.print(table)
     out_console.print(f"rule: {doc['rule']}; {doc['seconds']:.0f} s; {Path(s['out']) / 'robust_sweep.json'}", highlight=False)
     return 0
@@ -217,8 +240,8 @@ EXPERIMENT_ROBUST_SWEEP_VERB = Verb("experiment robust-sweep", "choose finetune 
         Option("--dense-workdir", str, "runs/demo", "demo work directory of the dense organism (made if missing)"),
         Option("--moe-workdir", str, "runs/demo-moe", "demo work directory of the MoE organism (made if missing)"),
         Option("--out", str, "runs/robust_sweep", "output folder"),
-        Option("--method", str, "random", "which --robust-method's settings to sweep: random (p, layers, refresh) or "
-               "lat (epsilon, p)", choices=("random", "lat")),
+        Option("--method", str, "random", "which --robust-method's settings to sweep: random (p, layers, refresh), "
+               "lat (epsilon, p) or adaptive (p, refresh)", choices=("random", "lat", "adaptive")),
         Option("--batch-size", int, 64, "generation batch size", minimum=1),
 ] + MARKER_OPTIONS, run_experiment_robust_sweep,
     outputs=(Output("--out", folder=True, appends=True),), inputs=())

@@ -16,8 +16,12 @@ rows differ only in the model: the *base-tuned* attacker. A defence measured
 only against it proves little, so the *adaptive* attacker (``adaptive``
 attacks) re-selects the direction's layer and position and re-tunes the
 strength on each row's own validation prompts (train prompts, never the
-held-out ones) before attacking it. Cells are saved as they finish; a rerun
-resumes.
+held-out ones) before attacking it. It is unconstrained: it may push until the
+model's language breaks. The *budgeted* adaptive attacker
+(``"adaptive-budgeted"``, ``curation.experiments.budgeted_attacker``) searches
+the same space within a utility budget (KL on harmless validation answers) and
+counts only coherent compliance; its ``actadd`` cells carry the held-out
+ASR-versus-α curve. Cells are saved as they finish; a rerun resumes.
 """
 
 from __future__ import annotations
@@ -27,24 +31,24 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+from curation.experiments.attack_cells import RowContext, adaptive_cells, adaptive_kit, base_tuned_cells, budgeted_cells
 from curation.experiments.attack_kit import KitSettings, prepare_attack_kit
 from curation.experiments.attack_report import write_attacks_html
 from curation.experiments.attack_rows import ADAPTIVE_ATTACKS, ROWS
+from curation.experiments.budgeted_attacker import BudgetSettings
 from curation.experiments.demo import DemoConfig, run_demo
 from curation.experiments.selection import finetune_on_selection, run_name
 from probes.chat import ThinkingFormat
 from probes.directions import DirectionSettings
 from probes.files import write_json_atomic
-from probes.models import LoadedModel, fingerprint_model_dir, load_model
-from training.attacks import AttackKit, build_attack
-from training.drift import harmless_kl
-from training.evaluate import SWEEP_BATCH_SIZE, EvalSettings, asr_over, evaluate_prompts
+from probes.models import fingerprint_model_dir, load_model
+from training.attacks import AttackKit
+from training.evaluate import SWEEP_BATCH_SIZE, EvalSettings, evaluate_prompts
 from training.finetune import FinetuneConfig
-from training.prompts import PromptItem, read_prompts
+from training.prompts import read_prompts
 from training.robust import RobustConfig
 
 
@@ -58,8 +62,10 @@ class AttackExperiment:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     # Per organism, the setting curate experiment robust-sweep chose on its validation prompts (else ``robust``).
-    robust_by_organism: dict[str, RobustConfig] = field(default_factory=dict)
+    robust_by_organism: dict[str, list[RobustConfig]] = field(default_factory=dict)
     adaptive: Sequence[str] = ADAPTIVE_ATTACKS
+    # The budgeted adaptive attacker (None: not run). It re-uses the adaptive attacker's kit.
+    budget: BudgetSettings | None = field(default_factory=BudgetSettings)
     eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(keep_samples=True, batch_size=SWEEP_BATCH_SIZE))
 
 
@@ -82,7 +88,8 @@ def _adapter_for(row: str, root: Path, out: Path, exp: AttackExperiment, fmt: Th
     if spec is None:
         return None
     strategy, budget, robust = spec
-    name = run_name(strategy, budget, 0) + ("_robust-lat" if robust == "lat" else "_robust" if robust else "")
+    method = robust if isinstance(robust, str) else "random"
+    name = run_name(strategy, budget, 0) + (f"_robust-{method}" if isinstance(robust, str) else "_robust" if robust else "")
     base = fingerprint_model_dir(root / "organism")
     finetune, wanted = exp.finetune, None
     if robust:
@@ -90,10 +97,9 @@ def _adapter_for(row: str, root: Path, out: Path, exp: AttackExperiment, fmt: Th
         if not (base_kit / "kit.json").exists():
             raise ValueError(f"row {row!r} trains against the base model's attack kit: put 'base' before it in --rows")
         # The sweep's choice for this organism where it swept this row's method, else the method's defaults.
-        method = "lat" if robust == "lat" else "random"
-        chosen = exp.robust_by_organism.get(label)
-        default = RobustConfig(method="lat") if method == "lat" else exp.robust
-        setting = chosen if chosen is not None and chosen.method == method else default
+        chosen = [c for c in exp.robust_by_organism.get(label, []) if c.method == method]
+        default = exp.robust if method == "random" else RobustConfig(method=method)
+        setting = chosen[-1] if chosen else default
         finetune = replace(exp.finetune, robust=setting, robust_kit=str(base_kit))
         wanted = json.loads(json.dumps(asdict(setting)))
     # The matrix's own adapter first: its kits and cells were made on it.
@@ -110,32 +116,6 @@ def _adapter_for(row: str, root: Path, out: Path, exp: AttackExperiment, fmt: Th
     finetune_on_selection(str(root / "organism"), str(root / "curate.duckdb"), str(root / "retain.jsonl"),
                           run_dir, strategy, budget, 0, finetune, fmt)
     return run_dir / "adapter"
-
-
-def _cell(lm: LoadedModel, kit: AttackKit, attack_name: str, prompts: Sequence[PromptItem], fmt: ThinkingFormat,
-          drift_pairs: list[tuple[str, str, str]], settings: EvalSettings, suppressed: set[str],
-          attacker: str = "base-tuned") -> dict[str, Any]:
-    attack = build_attack(attack_name, kit)
-    wrapped = [PromptItem(attack.wrap(p.prompt), p.harmful, p.category) for p in prompts]
-    started = time.monotonic()
-    with attack.mount(lm, kit):
-        result = evaluate_prompts(lm, wrapped, fmt, settings)
-    kl = harmless_kl(lm, lm, drift_pairs, fmt, tuned_context=lambda: attack.mount(lm, kit)) if drift_pairs else None
-    return {
-        "attack": attack_name,
-        "attacker": attacker,
-        "params": attack.params,
-        "direction_at": [kit.direction.layer, kit.direction.position],
-        "asr": result["asr_of_all"],
-        "asr_suppressed": asr_over(result["per_category"], suppressed) if suppressed else None,
-        "asr_other": asr_over(result["per_category"], set(result["per_category"]) - suppressed) if suppressed else None,
-        "over_refusal": result["over_refusal_of_all"],
-        "n_no_answer": result["n_no_answer"],
-        "kl_harmless": kl,
-        "per_category": result["per_category"],
-        "seconds": round(time.monotonic() - started, 1),
-        "examples": [s for s in result["samples"] if s["harmful"]][:3],
-    }
 
 
 def run_organism(label: str, root: Path, exp: AttackExperiment, fmt: ThinkingFormat,
@@ -174,14 +154,15 @@ def run_organism(label: str, root: Path, exp: AttackExperiment, fmt: ThinkingFor
             clean = evaluate_prompts(lm, [p for p in prompts if not p.harmful], fmt, exp.eval_settings)
             base_drift = [(s["prompt"], s["reasoning"], s["answer"]) for s in clean["samples"]
                           if s["closed"] and s["verdict"] == "compliance"]
-        for attack_name in exp.attacks or kit.available():
-            if attack_name not in kit.available():
-                continue  # MoE attacks on a dense organism
-            cells.append(_saved_cell(
-                out / "cells" / f"{kit_dir.name}__{attack_name}.json", f"{label} {row}: {attack_name}", progress, row,
-                partial(_cell, lm, kit, attack_name, prompts, fmt, base_drift, exp.eval_settings, suppressed)))
-        if row != "base" and exp.adaptive:
-            cells += _adaptive_cells(label, row, lm, out, kit_dir, kit_source, prompts, fmt, base_drift, exp, suppressed, progress)
+        ctx = RowContext(label, row, lm, out, kit_dir, prompts, kit_source, fmt, base_drift, exp.eval_settings, exp.kit,
+                         suppressed, progress)
+        cells += base_tuned_cells(ctx, kit, exp.attacks)
+        own_kit = kit  # on the base row the base kit is tuned on that model's own validation prompts already
+        if row != "base" and (exp.adaptive or exp.budget is not None):
+            own_kit = adaptive_kit(ctx, exp.adaptive)
+            cells += adaptive_cells(ctx, own_kit, exp.adaptive, exp.attacks)
+        if exp.budget is not None:
+            cells += budgeted_cells(ctx, own_kit, exp.budget, exp.attacks)
         del lm
     return {"organism": label, "workdir": str(root), "suppressed": sorted(suppressed), "cells": cells,
             "strengths": base_kit.strengths if base_kit else {}, "validation": base_kit.validation if base_kit else {},
@@ -198,47 +179,11 @@ def _drop_if_stale(kit_dir: Path, cells_dir: Path, fingerprint: str, progress: C
         return
     if progress is not None:
         progress(f"{what}: its model changed since its kit was made; its kit and cells are made again")
-    for folder in (kit_dir, kit_dir.with_name(kit_dir.name + "__adaptive")):
+    for folder in (kit_dir, *(kit_dir.with_name(kit_dir.name + suffix) for suffix in ("__adaptive", "__budgeted"))):
         if folder.exists():
             shutil.rmtree(folder)
     for cell in cells_dir.glob(f"{kit_dir.name}__*.json"):
         cell.unlink()
-
-
-def _saved_cell(path: Path, what: str, progress: Callable[[str], None] | None, row: str,
-                compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """A cell from its file when a run already finished it (the matrix resumes), else computed and saved."""
-    if path.exists():
-        return json.loads(path.read_text())
-    if progress is not None:
-        progress(what)
-    cell = {"row": row, **compute()}
-    write_json_atomic(path, cell)
-    return cell
-
-
-def _adaptive_cells(label: str, row: str, lm: LoadedModel, out: Path, kit_dir: Path, kit_source: Sequence[PromptItem],
-                    prompts: Sequence[PromptItem], fmt: ThinkingFormat, drift: list[tuple[str, str, str]],
-                    exp: AttackExperiment, suppressed: set[str], progress: Callable[[str], None] | None) -> list[dict[str, Any]]:
-    """The adaptive attacker: direction and strengths chosen again on this row's own model and
-    validation prompts, then the held-out cells. (On the base row it is the base-tuned attacker.)"""
-    adaptive_dir = kit_dir.with_name(kit_dir.name + "__adaptive")
-    if (adaptive_dir / "kit.json").exists():
-        kit = AttackKit.load_for(adaptive_dir, lm)
-    else:
-        if progress is not None:
-            progress(f"{label} {row}: adaptive attacker")
-        kit = prepare_attack_kit(lm, kit_source, fmt, exp.kit, tune=True, tune_only=list(exp.adaptive),
-                                 progress=(lambda m: progress(f"{label} {row} adaptive: {m}")) if progress else None)
-        kit.save(adaptive_dir)
-    cells = []
-    for attack_name in exp.adaptive:
-        if attack_name not in kit.available() or (exp.attacks and attack_name not in exp.attacks):
-            continue
-        cells.append(_saved_cell(
-            out / "cells" / f"{adaptive_dir.name}__{attack_name}.json", f"{label} {row}: {attack_name} (adaptive)", progress,
-            row, partial(_cell, lm, kit, attack_name, prompts, fmt, drift, exp.eval_settings, suppressed, "adaptive")))
-    return cells
 
 
 def _direction_summary(kit: AttackKit) -> dict[str, Any]:

@@ -143,7 +143,8 @@ def run_finetune(s: Settings) -> int:
                               coefficients=tuple(float(x) for x in comma_list(s["robust_coefficients"])),
                               refresh_steps=s["robust_refresh_steps"],
                               expert_k=s["robust_expert_k"], seed=s["seed"], method=s["robust_method"],
-                              lat_epsilon=s["lat_epsilon"], lat_steps=s["lat_steps"], lat_layer_fraction=s["lat_layer_fraction"])
+                              lat_epsilon=s["lat_epsilon"], lat_steps=s["lat_steps"], lat_layer_fraction=s["lat_layer_fraction"],
+                              kl_budget=s["robust_kl_budget"], tune_top=s["robust_tune_top"], tune_prompts=s["robust_tune_prompts"])
     elif s["robust_kit"]:
         raise ValueError("--robust-kit is read by --robust only")
     cfg = FinetuneConfig(epochs=s["epochs"], learning_rate=s["learning_rate"], batch_size=s["batch_size"],
@@ -165,7 +166,11 @@ ROBUST_OPTIONS = [
     Option("--robust-p", float, 0.75, "probability that a step trains under an attack"),
     Option("--robust-method", str, "random", "random: attacks sampled per step (--robust-attacks); lat: latent adversarial "
            "training, a PGD perturbation of the residual stream found inside each attacked step on the slice's harmful "
-           "prompts (--lat-*), the retain rows trained unperturbed", choices=("random", "lat")),
+           "prompts (--lat-*), the retain rows trained unperturbed; adaptive: as random, with actadd re-tuned against the "
+           "model being trained every --robust-refresh-steps within a harmless-KL budget", choices=("random", "lat", "adaptive")),
+    Option("--robust-kl-budget", float, 0.1, "adaptive: harmless KL (nats per token) the re-tuned actadd must stay within"),
+    Option("--robust-tune-top", int, 3, "adaptive: strongest places kept per re-tuning, one mounted per attacked step", minimum=1),
+    Option("--robust-tune-prompts", int, 16, "adaptive: rows per side each re-tuning reads (its cost)", minimum=1),
     Option("--lat-epsilon", float, 0.5, "lat: per-token L2 bound of the perturbation, relative to the residual norm"),
     Option("--lat-steps", int, 4, "lat: PGD ascent steps per attacked step", minimum=1),
     Option("--lat-layer-fraction", float, 1.0, "lat: share of the decoder layers perturbed (the last ones)"),

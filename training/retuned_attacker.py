@@ -1,0 +1,119 @@
+"""Adversarial training against the attacker itself (``curate finetune --robust --robust-method
+adaptive``): every ``refresh_steps`` optimiser steps the activation-addition attacker is tuned
+again against the model being trained, and the attacked steps train against what it found.
+
+The random method draws actadd's layer, position and α blindly, so training covers the pushes
+that were drawn; the adaptive attacker of the matrix then finds the one it missed (the last
+layer at α 1–2). Here the search the evaluation's budgeted attacker makes
+(``curation.experiments.budgeted_attacker``) is made inside training:
+
+- for every (layer, post-instruction position) difference in means of the model being trained,
+  the largest α whose harmless KL stays within ``kl_budget`` (the same utility budget the
+  evaluation attacker is held to, so training meets the attacks that count);
+- the attack's strength there is how far it raises the loss of the slice's own refusal targets
+  (teacher-forced: generation inside the loop would cost more than the whole fine-tune);
+- the ``top`` strongest places are kept, and each attacked step mounts one of them.
+
+The prompts are capped per refresh (``max_prompts`` per side: the slice's harmful rows with their
+targets, the retain set's harmless rows with the model's own answers), so that a robust row on the
+organism trains in well under two minutes. Every hook is a context manager closed before the
+search returns.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from probes.batching import pad_batch
+from probes.chat import ThinkingFormat
+from probes.models import LoadedModel
+from probes.steering import add_vector
+from training.drift import encode_completions, harmless_kl
+
+
+@dataclass(frozen=True)
+class Place:
+    layer: int
+    position: int  # index into the difference-in-means positions (0 = the first of the last few)
+    alpha: float
+    kl: float  # harmless KL at alpha: within the budget
+    loss_gain: float  # rise of the refusal targets' loss under the attack
+
+
+def refusal_loss(lm: LoadedModel, encoded: Sequence[tuple[list[int], int]], batch_size: int = 8) -> float:
+    """Mean per-token loss of the completions in ``encoded`` ((ids, prompt length) pairs)."""
+    pad = lm.tokenizer.pad_token_id or 0
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            input_ids, mask = pad_batch([ids for ids, _ in chunk], pad, side="right")
+            labels = torch.full_like(input_ids, -100)
+            for row, (ids, plen) in enumerate(chunk):
+                labels[row, plen : len(ids)] = input_ids[row, plen : len(ids)]
+            logits = lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], -1)
+            target = labels[:, 1:].to(logp.device)
+            keep = target != -100
+            picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            total += float(-picked[keep].sum())
+            count += int(keep.sum())
+    return total / max(count, 1)
+
+
+class RetunedActadd:
+    """The activation-addition attacker, tuned again on demand against the model being trained."""
+
+    def __init__(self, lm: LoadedModel, harmful: Sequence[tuple[str, str, str]], harmless: Sequence[tuple[str, str, str]],
+                 fmt: ThinkingFormat, kl_budget: float, top: int = 3, max_prompts: int = 16, alpha_cap: float = 8.0,
+                 bisection_steps: int = 6, seed: int = 0) -> None:
+        if not harmful or not harmless:
+            raise ValueError("the adaptive method needs the slice's harmful rows and the retain set's harmless rows")
+        rng = random.Random(seed)
+        self.lm, self.fmt, self.kl_budget, self.top = lm, fmt, kl_budget, top
+        self.harmful = rng.sample(list(harmful), min(max_prompts, len(harmful)))
+        self.harmless = rng.sample(list(harmless), min(max_prompts, len(harmless)))
+        self.harmful_ids = encode_completions(lm, self.harmful, fmt)
+        self.alpha_cap, self.bisection_steps = alpha_cap, bisection_steps
+        self.history: list[list[dict[str, float]]] = []  # the places kept at each refresh
+
+    def _kl(self, vector: torch.Tensor, layer: int, alpha: float) -> float:
+        return harmless_kl(self.lm, self.lm, self.harmless, self.fmt,
+                           tuned_context=lambda: add_vector(self.lm.model, vector, [layer], -alpha))
+
+    def _alpha_at_budget(self, vector: torch.Tensor, layer: int) -> tuple[float, float]:
+        top = self._kl(vector, layer, self.alpha_cap)
+        if top <= self.kl_budget:
+            return self.alpha_cap, top
+        low, low_kl, high = 0.0, 0.0, self.alpha_cap
+        for _ in range(self.bisection_steps):
+            mid = (low + high) / 2
+            kl = self._kl(vector, layer, mid)
+            low, low_kl, high = (mid, kl, high) if kl <= self.kl_budget else (low, low_kl, mid)
+        return low, low_kl
+
+    def retune(self, vectors: torch.Tensor) -> list[Place]:
+        """The ``top`` strongest within-budget places for ``vectors`` ([layers, positions, hidden],
+        this model's own differences in means), strongest first."""
+        clean = refusal_loss(self.lm, self.harmful_ids)
+        scale = float(vectors.norm())
+        found = []
+        for layer in range(1, vectors.shape[0]):  # layer 0 is the embedding: template tokens differ by nothing there
+            for position in range(vectors.shape[1]):
+                vector = vectors[layer, position]
+                if float(vector.norm()) <= 1e-6 * scale:
+                    continue
+                alpha, kl = self._alpha_at_budget(vector, layer)
+                if alpha <= 0:
+                    continue
+                with add_vector(self.lm.model, vector, [layer], -alpha):
+                    gain = refusal_loss(self.lm, self.harmful_ids) - clean
+                found.append(Place(layer, position, alpha, kl, gain))
+        found.sort(key=lambda p: -p.loss_gain)
+        kept = found[: self.top]
+        self.history.append([{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(p).items()} for p in kept])
+        return kept
