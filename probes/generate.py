@@ -130,10 +130,11 @@ def generate(
 
 
 def remote_allowed(lm: LoadedModel) -> bool:
-    """Whether this generation may go to the server: only the model as loaded. A server cannot see
-    a steering hook or a LoRA adapter on the local copy, so steered and fine-tuned generation stays
-    in-process rather than silently generating unsteered."""
-    if lm.generator is None or lm.adapter is not None:
+    """Whether this generation may go to the server: only the model as loaded, with its LoRA adapter
+    only where the server holds that adapter too (``RemoteGenerator.load_adapter``). A server cannot
+    see a steering hook on the local copy, so steered generation stays in-process rather than
+    silently generating unsteered."""
+    if lm.generator is None or not lm.generator.serves(lm.adapter):
         return False
     from torch.nn.modules import module as torch_module
 
@@ -149,7 +150,7 @@ def _generate_remote(lm: LoadedModel, texts: list[str], encoded: list[list[int]]
     tok = lm.tokenizer
     lm.generator.check(tok, lm.fingerprint)
     done = lm.generator.complete(encoded, max_tokens=max_new_tokens, stop_token_ids=stops, sampling=lm.sampling,
-                                 on_done=on_batch)
+                                 on_done=on_batch, adapter=None if lm.adapter is None else str(lm.adapter))
     refused = [(i, d) for i, d in enumerate(done) if isinstance(d, GeneratorRowError)]
     if refused:
         raise refused[0][1]  # the caller re-runs a failed chunk row by row, so the refused row is found and quarantined

@@ -12,6 +12,12 @@ another revision's tokenizer, is refused), and its ``max_model_len`` is read, so
 budget the server would cut is a row error with its reason instead of a shorter trace stored
 as if it were whole.
 
+LoRA adapters: a fine-tuned model generates on the server too when the server holds its adapter
+(``load_adapter``: vLLM's ``/v1/load_lora_adapter``, on a server started with LoRA enabled and
+runtime loading allowed). Requests then name the adapter as their model; the tokenizer check is
+the base model's. A server that cannot load it (no LoRA support, a module it cannot adapt, a path
+it cannot see) is an ``AdapterUnavailable`` with its reason, and the caller generates in-process.
+
 Faults: a server that cannot be reached, or stops answering mid-run, raises
 ``GeneratorUnavailable`` (the run stops; what was committed stays, and a rerun resumes); a
 request the server refuses for one prompt raises ``GeneratorRowError`` for that row only (it is
@@ -44,6 +50,10 @@ class GeneratorRowError(ValueError):
     """The server refused one prompt (too long for it, …): that row is quarantined."""
 
 
+class AdapterUnavailable(RuntimeError):
+    """The server cannot serve a LoRA adapter: that model generates in-process instead."""
+
+
 @dataclass(frozen=True)
 class Completion:
     token_ids: list[int]
@@ -59,14 +69,52 @@ class RemoteGenerator:
     retries: int = 2  # a dropped connection is retried this many times before the server counts as gone
     max_model_len: int | None = field(default=None, init=False)
     checked_for: str | None = field(default=None, init=False)  # the local model fingerprint it was checked against
+    adapters: dict[str, str] = field(default_factory=dict, init=False)  # local adapter path -> its name on the server
 
     @property
     def base(self) -> str:
         url = self.url.rstrip("/")
         return url[: -len("/v1")] if url.endswith("/v1") else url
 
-    def describe(self) -> dict[str, Any]:
-        return {"generator": "vllm", "url": self.base, "model": self.model, "max_model_len": self.max_model_len}
+    def describe(self, adapter: str | None = None) -> dict[str, Any]:
+        out = {"generator": "vllm", "url": self.base, "model": self.model, "max_model_len": self.max_model_len}
+        return out | ({"adapter": adapter, "served_as": self.adapters[adapter]} if adapter in self.adapters else {})
+
+    def serves(self, adapter: str | None) -> bool:
+        """Whether generation with ``adapter`` (None: the base model) may go to this server."""
+        return adapter is None or str(adapter) in self.adapters
+
+    def model_for(self, adapter: str | None) -> str | None:
+        return self.model if adapter is None else self.adapters[str(adapter)]
+
+    def load_adapter(self, adapter: str | Any) -> str:
+        """Load a LoRA adapter folder into the server (once) and return the name requests use for it.
+        The folder's path must be one the server can read (the same machine, or shared storage)."""
+        key = str(adapter)
+        if key in self.adapters:
+            return self.adapters[key]
+        from pathlib import Path
+
+        folder = Path(key).resolve()
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file() or not (folder / "adapter_config.json").is_file():
+            raise AdapterUnavailable(f"{folder} is not a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
+        # Named by content, so a retrained adapter at the same path is never confused with the old one.
+        h = hashlib.sha256((folder / "adapter_config.json").read_bytes())
+        with weights.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()[:16]
+        name = f"curate-lora-{digest}"
+        try:
+            self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)})
+        except GeneratorRowError as exc:
+            if "already been loaded" not in str(exc):
+                raise AdapterUnavailable(f"the vLLM server could not load the adapter {folder}: {exc} (it needs "
+                                         "--enable-lora, a --max-lora-rank at least the adapter's rank, "
+                                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and the folder on its own disk)") from None
+        self.adapters[key] = name
+        return name
 
     # HTTP -----------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -119,9 +167,12 @@ class RemoteGenerator:
 
     # generation -----------------------------------------------------------
     def complete(self, prompts: Sequence[list[int]], *, max_tokens: int, stop_token_ids: Sequence[int],
-                 sampling: Any, on_done: Callable[[int], None] | None = None) -> list[Completion | GeneratorRowError]:
+                 sampling: Any, on_done: Callable[[int], None] | None = None,
+                 adapter: str | None = None) -> list[Completion | GeneratorRowError]:
         """One completion per prompt (token ids in, token ids out), in the prompts' order; a prompt
-        the server refused comes back as its ``GeneratorRowError``."""
+        the server refused comes back as its ``GeneratorRowError``. With ``adapter`` (loaded with
+        ``load_adapter``) the requests name it as their model."""
+        model = self.model_for(adapter)
 
         def one(index: int) -> Completion | GeneratorRowError:
             ids = prompts[index]
@@ -131,7 +182,7 @@ class RemoteGenerator:
                     f"{self.max_model_len}: the server would cut the trace short; serve with a larger --max-model-len "
                     "or lower --max-new-tokens")
             body: dict[str, Any] = {
-                "model": self.model, "prompt": ids, "max_tokens": max_tokens, "stop_token_ids": list(stop_token_ids),
+                "model": model, "prompt": ids, "max_tokens": max_tokens, "stop_token_ids": list(stop_token_ids),
                 "return_token_ids": True, "skip_special_tokens": False, "spaces_between_special_tokens": False,
                 "ignore_eos": False, **_decoding(sampling, index)}
             try:

@@ -260,7 +260,7 @@ def test_attack_matrix_runs_and_resumes(organism_dir: Path, scored_db: Path, ret
                            rows=["base", "cliff 1.7%", "cliff 1.7% robust"], kit=SMALL_KIT)
     exp.finetune.epochs = 2
     exp.eval_settings = EvalSettings(max_new_tokens=64, keep_samples=True)
-    exp.budget = BudgetSettings(bisection_steps=3, alpha_fractions=(1.0,), ablate_candidates=1, curve_alphas=(1.0, 4.0))
+    exp.budget = BudgetSettings(max_tries=3, alpha_fractions=(1.0,), ablate_candidates=1, curve_alphas=(1.0, 4.0))
     doc = run_attack_experiment(exp, FMT)
     (org,) = doc["organisms"]
     static = [c for c in org["cells"] if c["attacker"] == "base-tuned"]

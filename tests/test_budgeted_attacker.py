@@ -5,6 +5,7 @@ never pushes further), count only coherent compliance, and leave no hook behind.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from probes.steering import add_vector
 from training.drift import harmless_kl
 from training.evaluate import EvalSettings
 from training.finetune import FinetuneConfig, finetune_lora
+from training.kl_budget import SteeredKl, largest_alpha_within
 from training.prompts import read_prompts
 from training.retuned_attacker import RetunedActadd
 from training.robust import RobustConfig, hook_count
@@ -44,16 +46,39 @@ def direction_and_pairs(lm: LoadedModel, organism_dir: Path):
 def test_the_budget_bounds_the_push_and_a_tighter_one_pushes_less(lm: LoadedModel, direction_and_pairs) -> None:
     direction, pairs, _ = direction_and_pairs
     vector = direction.at(1, -1)
+    meter = SteeredKl(lm, pairs, FMT, batch_size=3)
+    push = lambda a: lambda: add_vector(lm.model, vector, [1], -a)  # noqa: E731
+    # The kept unsteered side gives the drift KL computed from scratch.
+    assert meter(push(1.0)) == pytest.approx(harmless_kl(lm, lm, pairs, FMT, tuned_context=push(1.0)), rel=1e-4)
     loose, tight = BudgetSettings(kl_budget=0.1), BudgetSettings(kl_budget=0.01)
-    a_loose, kl_loose = alpha_at_budget(lm, vector, 1, pairs, FMT, loose, 8)
-    a_tight, kl_tight = alpha_at_budget(lm, vector, 1, pairs, FMT, tight, 8)
+    a_loose, kl_loose = alpha_at_budget(meter, vector, 1, loose)
+    a_tight, kl_tight = alpha_at_budget(meter, vector, 1, tight)
     assert 0 < a_tight <= a_loose and kl_tight <= 0.01 and kl_loose <= 0.1
-    assert a_loose < loose.alpha_cap  # the organism breaks long before α 8: the bisection did the work
-    # One bisection step further out is over the budget: the attacker used what it was allowed.
-    step = loose.alpha_cap / 2 ** loose.bisection_steps
-    over = harmless_kl(lm, lm, pairs, FMT, tuned_context=lambda: add_vector(lm.model, vector, [1], -(a_loose + step)))
-    assert over > 0.1
+    assert a_loose < loose.alpha_cap  # the organism breaks long before α 8: the search did the work
+    # Just past the tolerance the push is over the budget: the attacker used what it was allowed.
+    assert meter(push(a_loose * (1 + loose.tolerance) * 1.01)) > 0.1
     assert hook_count(lm.model) == 0
+
+
+@pytest.mark.parametrize("curve", [lambda a: 0.02 * a * a, lambda a: 0.001 * a**3, lambda a: 0.05 * (math.exp(a) - 1),
+                                   lambda a: 0.5 * a])
+def test_the_alpha_search_lands_within_tolerance_of_the_crossing(curve) -> None:
+    calls = []
+
+    def kl_at(a: float) -> float:
+        calls.append(a)
+        return curve(a)
+
+    alpha, kl = largest_alpha_within(kl_at, 0.1, 8.0, tolerance=0.05, max_tries=10)
+    crossing = next(a / 1000 for a in range(8000, 0, -1) if curve(a / 1000) <= 0.1)
+    assert kl == curve(alpha) <= 0.1 and crossing / 1.05 <= alpha <= crossing + 1e-3  # the grid above is 0.001 apart
+    assert len(calls) <= 10
+
+
+def test_the_alpha_search_edges() -> None:
+    assert largest_alpha_within(lambda a: 0.0, 0.1, 8.0) == (8.0, 0.0)  # a push that does nothing: the cap
+    assert largest_alpha_within(lambda a: 0.001 * a, 0.1, 8.0)[0] == 8.0  # within budget all the way
+    assert largest_alpha_within(lambda a: 5.0, 0.1, 8.0) == (0.0, 0.0)  # over budget at any α
 
 
 def test_only_coherent_compliance_counts() -> None:
@@ -72,7 +97,7 @@ def test_the_budgeted_search_keeps_every_choice_within_its_budget(lm: LoadedMode
 
     kit = AttackKit(direction=direction, benign={}, model_fingerprint=lm.fingerprint)
     validation = [p for p in prompts if p.harmful][24:32] + [p for p in prompts if not p.harmful][24:32]
-    budget = BudgetSettings(kl_budget=0.05, bisection_steps=4, alpha_fractions=(0.5, 1.0), ablate_candidates=1)
+    budget = BudgetSettings(kl_budget=0.05, max_tries=4, alpha_fractions=(0.5, 1.0), ablate_candidates=1)
     found = tune_budgeted(lm, kit, validation, FMT, EVAL, budget, steer_layers=(1,))
     actadd = found["actadd"]
     assert actadd["params"]["layer"] == 1 and actadd["kl_validation"] <= 0.05
@@ -92,7 +117,7 @@ def test_the_retuned_attacker_finds_pushes_within_budget_that_raise_the_refusal_
     direction = extract_refusal_direction(lm, [p.prompt for p in prompts if p.harmful][:24],
                                           [p.prompt for p in prompts if not p.harmful][:24], FMT, 1, -1,
                                           DirectionSettings(n_positions=2))
-    tuner = RetunedActadd(lm, harmful, harmless, FMT, kl_budget=0.1, top=2, max_prompts=8, bisection_steps=4)
+    tuner = RetunedActadd(lm, harmful, harmless, FMT, kl_budget=0.1, top=2, max_prompts=8)
     places = tuner.retune(direction.all_vectors)
     assert 1 <= len(places) <= 2 and tuner.history and len(tuner.history[0]) == len(places)
     assert all(0 < p.alpha and p.kl <= 0.1 for p in places)

@@ -35,7 +35,8 @@ FMT = ThinkingFormat()
 @pytest.fixture(scope="module")
 def server(organism_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with served(ServerSettings(model_dir=str(organism_dir)), log) as url:
+    # LoRA enabled (runtime loading allowed): the fine-tuned models' tests load adapters into it.
+    with served(ServerSettings(model_dir=str(organism_dir), lora_rank=8), log) as url:
         yield url
 
 
@@ -129,3 +130,74 @@ def test_a_run_starts_its_own_server_and_stops_it(capsys, organism_dir: Path, pr
     assert log.strip()  # the server's own log, next to the store, for when it fails
     # The run's server is gone; the module's (started before it) is untouched.
     assert _api_servers() == before and any(f"--port {server.rsplit(':', 1)[1]}" in c for c in before)
+
+
+@pytest.fixture(scope="module")
+def adapter(organism_dir: Path, cliff_slice: Path, retain_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.finetune import FinetuneConfig, finetune_lora
+
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    finetune_lora(organism_dir, cliff_slice, out, FinetuneConfig(epochs=2), FMT, retain_file=retain_file)
+    return out
+
+
+def test_a_fine_tuned_model_generates_on_the_server_with_its_adapter(organism_dir: Path, adapter: Path, server: str) -> None:
+    from probes.models import load_model
+
+    tuned = load_model(organism_dir, adapter=adapter)
+    prompts = _prompts(organism_dir, 48)
+    local = generate(tuned, prompts, FMT, max_new_tokens=96, batch_size=48, stop_at_close=False)
+    tuned.generator = RemoteGenerator(server)
+    try:
+        assert not remote_allowed(tuned)  # the server does not hold this adapter yet
+        name = tuned.generator.load_adapter(adapter)
+        assert remote_allowed(tuned) and tuned.generator.load_adapter(adapter) == name  # loaded once
+        assert name in [m["id"] for m in tuned.generator._request("GET", "/v1/models")["data"]]
+        remote = generate(tuned, prompts, FMT, max_new_tokens=96, batch_size=48, stop_at_close=False)
+    finally:
+        tuned.generator = None
+    same = sum(a.generated_ids == b.generated_ids for a, b in zip(local, remote, strict=True))
+    assert same >= 0.95 * len(prompts), f"{same} of {len(prompts)} identical"
+    base = generate(load_model(organism_dir), prompts, FMT, max_new_tokens=96, batch_size=48, stop_at_close=False)
+    assert sum(a.generated_ids != b.generated_ids for a, b in zip(base, remote, strict=True)) > 0  # the adapter acted
+
+
+def test_an_adapter_the_server_cannot_load_is_refused_with_its_reason(organism_dir: Path, server: str,
+                                                                      tmp_path: Path) -> None:
+    from probes.remote_generate import AdapterUnavailable
+
+    generator = RemoteGenerator(server)
+    with pytest.raises(AdapterUnavailable, match="not a PEFT adapter folder"):
+        generator.load_adapter(tmp_path)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA", "target_modules": ["q_proj"]}')
+    (fake / "adapter_model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(AdapterUnavailable, match="could not load the adapter"):
+        generator.load_adapter(fake)
+    assert not generator.serves(str(fake))
+
+
+def test_the_attack_matrix_sends_its_unsteered_cells_to_the_server(organism_dir: Path, scored_db: Path, retain_file: Path,
+                                                                   server: str, tmp_path: Path) -> None:
+    from curation.experiments.attack_kit import KitSettings
+    from curation.experiments.attacks import AttackExperiment, run_attack_experiment
+    from probes.directions import DirectionSettings
+    from training.evaluate import EvalSettings
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, target in (("organism", organism_dir), ("curate.duckdb", scored_db), ("retain.jsonl", retain_file)):
+        (work / name).symlink_to(target)
+    kit = KitSettings(n_extract=32, n_val=8, directions=DirectionSettings(n_positions=1, max_new_tokens=64),
+                      actadd_coefficients=(1.0,), benign_coefficients=(2.0,), steer_layers=(1,), max_new_tokens=64)
+    exp = AttackExperiment(workdirs={"dense": str(work)}, out=str(tmp_path / "attacks"), attacks=["none", "template", "ablate"],
+                           rows=["base", "cliff 1.7%"], kit=kit, adaptive=(), budget=None, generator="vllm",
+                           generator_url=server)
+    exp.finetune.epochs = 2
+    exp.eval_settings = EvalSettings(max_new_tokens=64, keep_samples=True)
+    (org,) = run_attack_experiment(exp, FMT)["organisms"]
+    by = {(c["row"], c["attack"]): c["generator"] for c in org["cells"]}
+    # Unsteered cells of both rows (the fine-tune through its adapter) on the server; the steered one in-process.
+    assert by == {(r, a): "hf" if a == "ablate" else "vllm" for r in exp.rows for a in exp.attacks}
+    assert org["generators"]["cliff 1.7%"]["adapter"] and org["generators"]["base"]["generator"] == "vllm"

@@ -32,7 +32,8 @@ from probes.batching import pad_batch
 from probes.chat import ThinkingFormat
 from probes.models import LoadedModel
 from probes.steering import add_vector
-from training.drift import encode_completions, harmless_kl
+from training.drift import encode_completions
+from training.kl_budget import SteeredKl, largest_alpha_within
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class RetunedActadd:
 
     def __init__(self, lm: LoadedModel, harmful: Sequence[tuple[str, str, str]], harmless: Sequence[tuple[str, str, str]],
                  fmt: ThinkingFormat, kl_budget: float, top: int = 3, max_prompts: int = 16, alpha_cap: float = 8.0,
-                 bisection_steps: int = 6, seed: int = 0) -> None:
+                 tolerance: float = 0.1, seed: int = 0) -> None:
         if not harmful or not harmless:
             raise ValueError("the adaptive method needs the slice's harmful rows and the retain set's harmless rows")
         rng = random.Random(seed)
@@ -78,27 +79,19 @@ class RetunedActadd:
         self.harmful = rng.sample(list(harmful), min(max_prompts, len(harmful)))
         self.harmless = rng.sample(list(harmless), min(max_prompts, len(harmless)))
         self.harmful_ids = encode_completions(lm, self.harmful, fmt)
-        self.alpha_cap, self.bisection_steps = alpha_cap, bisection_steps
+        self.kl = SteeredKl(lm, self.harmless, fmt)
+        self.alpha_cap, self.tolerance = alpha_cap, tolerance
         self.history: list[list[dict[str, float]]] = []  # the places kept at each refresh
 
-    def _kl(self, vector: torch.Tensor, layer: int, alpha: float) -> float:
-        return harmless_kl(self.lm, self.lm, self.harmless, self.fmt,
-                           tuned_context=lambda: add_vector(self.lm.model, vector, [layer], -alpha))
-
     def _alpha_at_budget(self, vector: torch.Tensor, layer: int) -> tuple[float, float]:
-        top = self._kl(vector, layer, self.alpha_cap)
-        if top <= self.kl_budget:
-            return self.alpha_cap, top
-        low, low_kl, high = 0.0, 0.0, self.alpha_cap
-        for _ in range(self.bisection_steps):
-            mid = (low + high) / 2
-            kl = self._kl(vector, layer, mid)
-            low, low_kl, high = (mid, kl, high) if kl <= self.kl_budget else (low, low_kl, mid)
-        return low, low_kl
+        model = self.lm.model
+        return largest_alpha_within(lambda a: self.kl(lambda: add_vector(model, vector, [layer], -a)), self.kl_budget,
+                                    self.alpha_cap, tolerance=self.tolerance, max_tries=6)
 
     def retune(self, vectors: torch.Tensor) -> list[Place]:
         """The ``top`` strongest within-budget places for ``vectors`` ([layers, positions, hidden],
         this model's own differences in means), strongest first."""
+        self.kl.reset()  # the model has trained since the last re-tuning
         clean = refusal_loss(self.lm, self.harmful_ids)
         scale = float(vectors.norm())
         found = []

@@ -24,6 +24,7 @@ from curation.experiments.budgeted_attacker import ATTACKER as BUDGETED
 from curation.experiments.budgeted_attacker import BudgetSettings, coherent_asr, load_choice, save_choice, tune_budgeted
 from probes.chat import ThinkingFormat
 from probes.files import write_json_atomic
+from probes.generate import remote_allowed
 from probes.models import LoadedModel
 from training.attacks import AttackKit, build_attack
 from training.drift import harmless_kl
@@ -61,12 +62,14 @@ def cell(ctx: RowContext, kit: AttackKit, attack_name: str, attacker: str = "bas
     wrapped = [PromptItem(attack.wrap(p.prompt), p.harmful, p.category) for p in ctx.prompts]
     started = time.monotonic()
     with attack.mount(lm, kit):
+        generator = "vllm" if remote_allowed(lm) else "hf"  # a hook keeps generation in-process
         result = evaluate_prompts(lm, wrapped, ctx.fmt, ctx.eval_settings)
     kl = harmless_kl(lm, lm, ctx.drift, ctx.fmt, tuned_context=lambda: attack.mount(lm, kit)) if ctx.drift else None
     suppressed = ctx.suppressed
     return {
         "attack": attack_name,
         "attacker": attacker,
+        "generator": generator,
         "params": attack.params,
         "direction_at": [kit.direction.layer, kit.direction.position],
         "asr": result["asr_of_all"],

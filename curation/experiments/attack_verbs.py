@@ -31,6 +31,7 @@ from curation.cli.verb import (
     thinking_format,
 )
 from curation.experiments.attack_rows import ADAPTIVE_ATTACKS, ROWS
+from curation.pipeline.generator_choice import GENERATOR_OPTIONS
 
 
 def run_attacks_prepare(s: Settings) -> int:
@@ -153,7 +154,10 @@ def run_experiment_attacks(s: Settings) -> int:
     batch_size = at_least_one(s, "batch_size")
     exp = AttackExperiment(workdirs={o: workdirs[o] for o in organisms}, out=s["out"], attacks=attacks, rows=rows,
                            kit=matrix_kit_settings(batch_size), adaptive=tuple(comma_list(s["adaptive"])),
-                           budget=BudgetSettings(kl_budget=s["kl_budget"]) if s["kl_budget"] else None)
+                           budget=BudgetSettings(kl_budget=s["kl_budget"]) if s["kl_budget"] else None,
+                           generator=s["generator"], generator_url=s["generator_url"], generator_model=s["generator_model"])
+    if s["generator_url"] and s["generator"] != "vllm":
+        raise ValueError("--generator-url is for --generator vllm")
     exp.eval_settings = replace(exp.eval_settings, batch_size=batch_size)
     if s["robust_from"]:
         exp.robust_by_organism = _chosen_settings(s["robust_from"], organisms)
@@ -194,6 +198,7 @@ EXPERIMENT_ATTACKS_VERB = Verb("experiment attacks", "ASR matrix: base and fine-
                "validation prompts"),
         Option("--out", str, "runs/attacks", "output folder"),
         Option("--batch-size", int, 64, "generation batch size (evaluation, selection and tuning)", minimum=1),
+        *GENERATOR_OPTIONS[:3],
 ] + MARKER_OPTIONS, run_experiment_attacks,
     outputs=(Output("--out", folder=True, appends=True),), inputs=("--robust-from",))
 

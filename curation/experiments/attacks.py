@@ -41,10 +41,11 @@ from curation.experiments.attack_rows import ADAPTIVE_ATTACKS, ROWS
 from curation.experiments.budgeted_attacker import BudgetSettings
 from curation.experiments.demo import DemoConfig, run_demo
 from curation.experiments.selection import finetune_on_selection, run_name
+from curation.pipeline.generator_choice import attach_adapter, remote_generator
 from probes.chat import ThinkingFormat
 from probes.directions import DirectionSettings
 from probes.files import write_json_atomic
-from probes.models import fingerprint_model_dir, load_model
+from probes.models import fingerprint_model_dir, load_model, resolve_device, resolve_dtype
 from training.attacks import AttackKit
 from training.evaluate import SWEEP_BATCH_SIZE, EvalSettings, evaluate_prompts
 from training.finetune import FinetuneConfig
@@ -66,6 +67,11 @@ class AttackExperiment:
     adaptive: Sequence[str] = ADAPTIVE_ATTACKS
     # The budgeted adaptive attacker (None: not run). It re-uses the adaptive attacker's kit.
     budget: BudgetSettings | None = field(default_factory=BudgetSettings)
+    # What generates the unsteered cells (and every unsteered generation of the kits): hf in-process, or
+    # vllm: a server at generator_url, or one started per organism from make engine's environment.
+    generator: str = "hf"
+    generator_url: str | None = None
+    generator_model: str | None = None
     eval_settings: EvalSettings = field(default_factory=lambda: EvalSettings(keep_samples=True, batch_size=SWEEP_BATCH_SIZE))
 
 
@@ -119,7 +125,7 @@ def _adapter_for(row: str, root: Path, out: Path, exp: AttackExperiment, fmt: Th
 
 
 def run_organism(label: str, root: Path, exp: AttackExperiment, fmt: ThinkingFormat,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[str], None] | None = None, generator: Any = None) -> dict[str, Any]:
     out = Path(exp.out) / label
     (out / "cells").mkdir(parents=True, exist_ok=True)
     organism = json.loads((root / "organism" / "organism.json").read_text())
@@ -129,11 +135,17 @@ def run_organism(label: str, root: Path, exp: AttackExperiment, fmt: ThinkingFor
     base_kit: AttackKit | None = None
     base_drift: list[tuple[str, str, str]] | None = None
     cells: list[dict[str, Any]] = []
+    generators: dict[str, Any] = {}  # row -> what generated its unsteered cells
     for row in exp.rows:
         if row not in ROWS:
             raise ValueError(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
         adapter = _adapter_for(row, root, out, exp, fmt, label)
         lm = load_model(root / "organism", adapter=adapter)
+        if generator is not None:
+            lm.generator = generator
+            generator.check(lm.tokenizer, lm.fingerprint)
+            refused = attach_adapter(lm, (lambda m, r=row: progress(f"{label} {r}: {m}")) if progress else None)
+            generators[row] = {"generator": "hf", "why": refused} if refused else generator.describe(lm.adapter)
         kit_dir = out / "kits" / row.replace(" ", "_").replace("%", "pct")
         _drop_if_stale(kit_dir, out / "cells", lm.fingerprint, progress, f"{label} {row}")
         if (kit_dir / "kit.json").exists():
@@ -164,7 +176,7 @@ def run_organism(label: str, root: Path, exp: AttackExperiment, fmt: ThinkingFor
         if exp.budget is not None:
             cells += budgeted_cells(ctx, own_kit, exp.budget, exp.attacks)
         del lm
-    return {"organism": label, "workdir": str(root), "suppressed": sorted(suppressed), "cells": cells,
+    return {"organism": label, "workdir": str(root), "suppressed": sorted(suppressed), "cells": cells, "generators": generators,
             "strengths": base_kit.strengths if base_kit else {}, "validation": base_kit.validation if base_kit else {},
             "direction": _direction_summary(base_kit) if base_kit else None}
 
@@ -199,7 +211,16 @@ def run_attack_experiment(exp: AttackExperiment, fmt: ThinkingFormat, progress: 
     organisms = []
     for label, workdir in exp.workdirs.items():
         root = ensure_workdir(label, workdir, console)
-        organisms.append(run_organism(label, root, exp, fmt, progress))
+        if exp.generator == "hf":
+            organisms.append(run_organism(label, root, exp, fmt, progress))
+            continue
+        if progress is not None:
+            progress(f"{label}: vLLM server" + (f" at {exp.generator_url}" if exp.generator_url else " (starting)"))
+        # fp32 on CPU, the loaded dtype elsewhere: the server generates what the local model would.
+        dtype = resolve_dtype("auto", resolve_device("auto"))  # what load_model gives the matrix's rows
+        with remote_generator(root / "organism", dtype, url=exp.generator_url, model=exp.generator_model,
+                              lora_rank=exp.finetune.lora_r, log_path=Path(exp.out) / label / "vllm-server.log") as generator:
+            organisms.append(run_organism(label, root, exp, fmt, progress, generator))
     doc = {"organisms": organisms, "rows": list(exp.rows), "seconds": round(time.monotonic() - started, 1)}
     out = Path(exp.out)
     write_json_atomic(out / "attacks_experiment.json", doc)

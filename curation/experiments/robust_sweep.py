@@ -51,7 +51,7 @@ def lat_grid() -> list[RobustConfig]:
 def adaptive_grid() -> list[RobustConfig]:
     """Training against the re-tuned actadd attacker (--robust-method adaptive): the share of steps
     attacked and how often the attacker is tuned again."""
-    return [RobustConfig(method="adaptive", p=p, refresh_steps=r) for p in (0.75, 1.0) for r in (5, 10)]
+    return [RobustConfig(method="adaptive", p=p, refresh_steps=r) for p in (0.75, 1.0) for r in (10, 20)]
 
 
 def default_grid() -> list[RobustConfig]:

@@ -209,6 +209,7 @@ FINETUNE_VERB = Verb("finetune", "LoRA fine-tune (TRL SFTTrainer + PEFT) on a se
 
 def run_evaluate(s: Settings) -> int:
     from probes.files import write_json_atomic
+    from probes.generate import remote_allowed
     from training.evaluate import EvalSettings, evaluate_prompts
     from training.prompts import PromptItem, read_prompts
 
@@ -220,7 +221,7 @@ def run_evaluate(s: Settings) -> int:
         with (generation_engine(s, lm, Path(s["out"]).parent),
               track("evaluate: generating", total=len(items), unit="prompts") as advance):
             result = evaluate_prompts(lm, items, thinking_format(s), settings, judge=judge, also=also, progress=advance)
-            result["generator"] = lm.generator.describe() if lm.generator is not None and lm.adapter is None else {"generator": "hf"}
+            result["generator"] = lm.generator.describe(lm.adapter) if remote_allowed(lm) else {"generator": "hf"}
     else:
         from training.attacks import AttackKit, build_attack
 

@@ -7,6 +7,8 @@ on a free local port, in its own process group. Start-up is polled on ``/health`
 ``startup_timeout_s``; a server that exits first, or never answers, is an error that quotes the
 tail of its log. On the way out, normal or not (Ctrl-C, SIGTERM), the process group is stopped.
 With no GPU the CPU backend is chosen (``VLLM_TARGET_DEVICE=cpu``) with a small KV cache.
+With ``lora_rank`` the server takes LoRA adapters at run time (``--enable-lora``, runtime
+loading allowed), so fine-tuned rows generate on it too (``RemoteGenerator.load_adapter``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ class ServerSettings:
     cpu_kv_cache_gib: int = 1
     seed: int = 0
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    lora_rank: int | None = None  # the largest LoRA rank to serve (None: no adapters)
+
+
+# The ranks vLLM accepts for --max-lora-rank; an adapter's rank is served under the next one up.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_args(rank: int) -> list[str]:
+    served = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+    if served is None:
+        raise ValueError(f"a LoRA rank of {rank} is over vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+    return ["--enable-lora", "--max-lora-rank", str(served), "--max-loras", "2"]
 
 
 def _free_port() -> int:
@@ -80,6 +94,9 @@ def served(settings: ServerSettings, log_path: Path) -> Iterator[str]:
     if settings.max_model_len is not None:
         cmd += ["--max-model-len", str(settings.max_model_len)]
     env = dict(os.environ)
+    if settings.lora_rank is not None:
+        cmd += lora_args(settings.lora_rank)
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if not _gpu_present():
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
