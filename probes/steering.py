@@ -16,7 +16,7 @@ All context managers restore the model on exit, exceptions included.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -41,21 +41,40 @@ def project_out(hidden: torch.Tensor, direction_unit: torch.Tensor) -> torch.Ten
     return (h - (h @ d).unsqueeze(-1) * d).to(hidden.dtype)
 
 
+# Which batch rows an edit applies to, read at every forward (training attacks only the harmful rows
+# of a batch that mixes them with harmless ones); None, or a callable returning None: every row.
+RowMask = Callable[[], "torch.Tensor | None"]
+
+
+def _on_rows(edited: torch.Tensor, original: torch.Tensor, rows: RowMask | None) -> torch.Tensor:
+    mask = rows() if rows is not None else None
+    if mask is None:
+        return edited
+    if edited.dim() != 3 or edited.shape[0] != mask.shape[0]:
+        raise ValueError(f"a row mask of {mask.shape[0]} rows cannot select from a tensor of shape {tuple(edited.shape)}")
+    keep = mask.to(edited.device, edited.dtype)[:, None, None]
+    return original + (edited - original) * keep
+
+
 @contextmanager
-def ablate_direction(model: nn.Module, direction: torch.Tensor, layers: Sequence[int] | None = None) -> Iterator[None]:
+def ablate_direction(model: nn.Module, direction: torch.Tensor, layers: Sequence[int] | None = None,
+                     rows: RowMask | None = None) -> Iterator[None]:
     """Remove ``direction`` from the residual stream, at every layer or at ``layers`` only (what
-    attack-in-the-loop training samples), for as long as the context lasts."""
+    attack-in-the-loop training samples), on every batch row or on ``rows``, for as long as the
+    context lasts."""
     d = unit(direction)
     handles = []
 
     def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        edited = _on_rows(project_out(hidden, d), hidden, rows)
         if args:
-            return (project_out(args[0], d), *args[1:]), kwargs
-        kwargs = dict(kwargs, hidden_states=project_out(kwargs["hidden_states"], d))
-        return args, kwargs
+            return (edited, *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=edited)
 
     def out_hook(_module: nn.Module, _args: object, output: object) -> object:
-        return replace_output_tensor(output, project_out(output_tensor(output), d))
+        tensor = output_tensor(output)
+        return replace_output_tensor(output, _on_rows(project_out(tensor, d), tensor, rows))
 
     try:
         blocks = find_decoder_layers(model)
@@ -73,19 +92,21 @@ def ablate_direction(model: nn.Module, direction: torch.Tensor, layers: Sequence
 
 
 @contextmanager
-def add_vector(model: nn.Module, vector: torch.Tensor, layers: Sequence[int], coefficient: float) -> Iterator[None]:
-    """Add ``coefficient · vector`` to the residual stream entering each of ``layers``."""
+def add_vector(model: nn.Module, vector: torch.Tensor, layers: Sequence[int], coefficient: float,
+               rows: RowMask | None = None) -> Iterator[None]:
+    """Add ``coefficient · vector`` to the residual stream entering each of ``layers`` (on every batch
+    row, or on ``rows``)."""
     blocks = find_decoder_layers(model)
     resolved = sorted({layer % len(blocks) for layer in layers})
     shift = coefficient * vector.float()
     handles = []
 
     def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        edited = _on_rows(hidden + shift.to(hidden.device, hidden.dtype), hidden, rows)
         if args:
-            hidden = args[0]
-            return (hidden + shift.to(hidden.device, hidden.dtype), *args[1:]), kwargs
-        hidden = kwargs["hidden_states"]
-        return args, dict(kwargs, hidden_states=hidden + shift.to(hidden.device, hidden.dtype))
+            return (edited, *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=edited)
 
     try:
         for index in resolved:

@@ -15,17 +15,16 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from probes.chat import ThinkingFormat, render_generation_prompt
+from probes.chat import ThinkingFormat
 from probes.files import path_sha256
-from probes.models import LoadedModel, load_model
+from probes.models import load_model
 from probes.rows import iter_rows
-from training import robust
+from training import robust, robust_setup
 from training.adapter_card import adapter_card
 from training.robust import RobustConfig, robust_callback
 from training.targets import check_trained_labels, fit_targets
@@ -171,6 +170,10 @@ def finetune_lora(
                 bf16=lm.model.dtype == torch.bfloat16,
                 dataloader_num_workers=0,
                 disable_tqdm=progress != "bar",
+                # Checkpointing recomputes each layer's forward during backward, after a robust method's
+                # per-loss hooks (LAT's perturbation, per-batch row masks) are gone or changed: the
+                # gradients would belong to another forward than the loss. Robust training keeps activations.
+                gradient_checkpointing=cfg.robust is None,
             )
             lora = LoraConfig(
                 r=cfg.lora_r,
@@ -188,12 +191,19 @@ def finetune_lora(
             if labels["with_close_marker_and_answer"] < labels["examples"]:
                 log(f"warning: {labels['examples'] - labels['with_close_marker_and_answer']} training examples do not train "
                     f"on the close marker and the answer (examples {labels['missing']})")
-            loop, adversary = None, None
+            loop, adversary, early = None, None, None
             if cfg.robust is not None and cfg.robust.method == "lat":
-                adversary = _latent_adversary(trainer, tokenizer, harmful_prompts, fmt, cfg.robust)
+                adversary = robust_setup.latent_adversary(trainer, tokenizer, harmful_prompts, fmt, cfg.robust)
             elif cfg.robust is not None:
-                loop = _attack_in_the_loop(lm, trainer.model, pairs[:n_safety], pairs[n_safety:], fmt, cfg)
+                loop = robust_setup.attack_in_the_loop(lm, trainer.model, pairs[:n_safety], pairs[n_safety:], fmt, cfg.robust,
+                                                      cfg.robust_kit)
                 trainer.add_callback(robust_callback(loop))
+                if cfg.robust.harmful_rows_only:
+                    robust_setup.attack_rows(trainer, loop, tokenizer, harmful_prompts, fmt)
+            if cfg.robust is not None and cfg.robust.early_tokens:
+                # Outermost: its own short forward runs under a step's mounted attack but outside the
+                # per-batch row masks and LAT's per-batch perturbation, which are shaped for the full batch.
+                early = robust_setup.deeper_refusal(trainer, tokenizer, harmful_prompts, fmt, cfg.robust)
             try:
                 result = trainer.train()
             finally:
@@ -202,6 +212,8 @@ def finetune_lora(
             robust_summary = robust.summary(loop) if loop is not None else None
             if adversary is not None:
                 robust_summary = {"config": asdict(cfg.robust), "lat": asdict(adversary.state)}
+            if early is not None and robust_summary is not None:
+                robust_summary["early_tokens"] = asdict(early)
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -219,6 +231,7 @@ def finetune_lora(
         "train_loss": float(result.training_loss),
         "steps": int(result.global_step),
         "seconds": round(time.monotonic() - started, 1),
+        "gradient_checkpointing": cfg.robust is None,
         "config": asdict(cfg),
         "robust": robust_summary,
     }
@@ -230,43 +243,6 @@ def finetune_lora(
         shutil.rmtree(out)
     tmp.rename(out)
     return summary
-
-
-def _latent_adversary(trainer: Any, tokenizer: Any, harmful: list[str], fmt: ThinkingFormat,
-                      rc: RobustConfig) -> Any:
-    """PGD on the residual stream inside every attacked step (training.lat), on the slice's harmful rows."""
-    from training.lat import LatConfig, LatentAdversary, install
-
-    prefixes = [tokenizer(render_generation_prompt(tokenizer, p, fmt), add_special_tokens=False).input_ids for p in harmful]
-    adversary = LatentAdversary(trainer.model, prefixes, LatConfig(p=rc.p, epsilon=rc.lat_epsilon, steps=rc.lat_steps,
-                                                                   layer_fraction=rc.lat_layer_fraction, seed=rc.seed))
-    install(trainer, adversary)
-    return adversary
-
-
-def _attack_in_the_loop(lm: LoadedModel, model: torch.nn.Module, harmful: list[dict[str, str]],
-                        harmless: list[dict[str, str]], fmt: ThinkingFormat, cfg: FinetuneConfig) -> robust.AttackInTheLoop:
-    """The sampled attacks for --robust, on the model the trainer trains (the base with its adapter);
-    with --robust-method adaptive, actadd re-tuned against it (training.retuned_attacker)."""
-    from training.retuned_attacker import RetunedActadd
-
-    assert cfg.robust is not None
-    rc = cfg.robust
-    training_lm = replace(lm, model=model)
-    tuner = None
-    if rc.method == "adaptive":
-        rows = [[(p["prompt"], p["reasoning"], p["answer"]) for p in side] for side in (harmful, harmless)]
-        tuner = RetunedActadd(training_lm, rows[0], rows[1], fmt, rc.kl_budget, top=rc.tune_top,
-                              max_prompts=rc.tune_prompts, seed=rc.seed)
-    direction_at, experts = None, None
-    if cfg.robust_kit:
-        from training.attacks import AttackKit
-
-        kit = AttackKit.load_for(cfg.robust_kit, lm)
-        direction_at = (kit.direction.layer, kit.direction.position)
-        experts = kit.refusal_experts(cfg.robust.expert_k) if kit.is_moe else None
-    return robust.AttackInTheLoop(training_lm, [p["prompt"] for p in harmful], [p["prompt"] for p in harmless], fmt, rc,
-                                  direction_at, experts, tuner)
 
 
 def export_merged(model_path: str | Path, adapter: str | Path, out_dir: str | Path, cfg: FinetuneConfig) -> Path:

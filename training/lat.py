@@ -29,6 +29,7 @@ import torch
 
 from probes.capture import capture_block_inputs, find_decoder_layers
 from probes.steering import add_vector
+from training.early_tokens import HarmfulRows
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class LatentAdversary:
 
     def __init__(self, model: torch.nn.Module, harmful_prefixes: Sequence[Sequence[int]], cfg: LatConfig) -> None:
         self.model, self.cfg = model, cfg
-        self.prefixes = [tuple(p) for p in harmful_prefixes if p]
+        self.harmful = HarmfulRows(harmful_prefixes)
         blocks = find_decoder_layers(model)
         k = max(1, round(cfg.layer_fraction * len(blocks)))
         self.layer_ids = list(range(len(blocks) - k, len(blocks)))
@@ -96,9 +97,7 @@ class LatentAdversary:
         self.rng = random.Random(cfg.seed)
 
     def harmful_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = [tuple(r.tolist()) for r in input_ids]
-        flags = [any(r[: len(p)] == p for p in self.prefixes) for r in rows]
-        return torch.tensor(flags, dtype=torch.float32, device=input_ids.device)[:, None, None]
+        return self.harmful.mask(input_ids).float()[:, None, None]
 
     def compute_loss(self, loss_fn: Callable[..., Any], model: torch.nn.Module, inputs: dict[str, Any],
                      **kwargs: Any) -> Any:

@@ -11,7 +11,8 @@ layer at α 1–2). Here the search the evaluation's budgeted attacker makes
   the largest α whose harmless KL stays within ``kl_budget`` (the same utility budget the
   evaluation attacker is held to, so training meets the attacks that count);
 - the attack's strength there is how far it raises the loss of the slice's own refusal targets
-  (teacher-forced: generation inside the loop would cost more than the whole fine-tune);
+  (teacher-forced: generation inside the loop would cost more than the whole fine-tune), over
+  their first ``early_tokens`` tokens where those are weighted (``training.early_tokens``);
 - the ``top`` strongest places are kept, and each attacked step mounts one of them.
 
 The prompts are capped per refresh (``max_prompts`` per side: the slice's harmful rows with their
@@ -71,7 +72,7 @@ class RetunedActadd:
 
     def __init__(self, lm: LoadedModel, harmful: Sequence[tuple[str, str, str]], harmless: Sequence[tuple[str, str, str]],
                  fmt: ThinkingFormat, kl_budget: float, top: int = 3, max_prompts: int = 16, alpha_cap: float = 8.0,
-                 tolerance: float = 0.1, seed: int = 0) -> None:
+                 tolerance: float = 0.1, early_tokens: int = 0, seed: int = 0) -> None:
         if not harmful or not harmless:
             raise ValueError("the adaptive method needs the slice's harmful rows and the retain set's harmless rows")
         rng = random.Random(seed)
@@ -79,6 +80,8 @@ class RetunedActadd:
         self.harmful = rng.sample(list(harmful), min(max_prompts, len(harmful)))
         self.harmless = rng.sample(list(harmless), min(max_prompts, len(harmless)))
         self.harmful_ids = encode_completions(lm, self.harmful, fmt)
+        if early_tokens:  # the push's strength is read where training reads it: the completion's first tokens
+            self.harmful_ids = [(ids[: plen + early_tokens], plen) for ids, plen in self.harmful_ids]
         self.kl = SteeredKl(lm, self.harmless, fmt)
         self.alpha_cap, self.tolerance = alpha_cap, tolerance
         self.history: list[list[dict[str, float]]] = []  # the places kept at each refresh

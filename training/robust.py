@@ -70,6 +70,14 @@ class RobustConfig:
     kl_budget: float = 0.1
     tune_top: int = 3
     tune_prompts: int = 16
+    # Any method (training.early_tokens): the first K completion tokens of the harmful rows weigh
+    # ``early_weight`` x their mean loss more, so refusal is decided deeper than its opening (0: off).
+    early_tokens: int = 0
+    early_weight: float = 1.0
+    # Mount ablate / actadd on the slice's harmful rows only, the retain rows training unattacked (as
+    # ReFAT and LAT do): a model trained to answer harmless prompts unchanged under a push would
+    # widen the room a utility-budgeted attacker has. Expert masks act on the whole batch.
+    harmful_rows_only: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.p <= 1:
@@ -80,6 +88,8 @@ class RobustConfig:
             raise ValueError(f"--robust-coefficients must be positive numbers, got {self.coefficients}")
         if self.refresh_steps < 1:
             raise ValueError(f"--robust-refresh-steps must be at least 1, got {self.refresh_steps}")
+        if self.early_tokens < 0 or self.early_weight < 0:
+            raise ValueError("--robust-early-tokens and --robust-early-weight must not be negative")
         if not self.kl_budget > 0 or self.tune_top < 1 or self.tune_prompts < 1:
             raise ValueError("--robust-kl-budget must be positive, --robust-tune-top and --robust-tune-prompts at least 1")
         if self.method not in ROBUST_METHODS:
@@ -136,6 +146,9 @@ class AttackInTheLoop:
             raise ValueError("--robust-method adaptive needs the re-tuned attacker (training.retuned_attacker)")
         self.tuner = tuner
         self.places: list[Place] = []
+        # The current batch's harmful rows, set around each loss computation (robust_setup.attack_rows).
+        self.rows: torch.Tensor | None = None
+        self.row_mask = (lambda: self.rows) if cfg.harmful_rows_only else None
         self.hooks_before_step: int | None = None
 
     def refresh(self) -> None:
@@ -175,18 +188,19 @@ class AttackInTheLoop:
         if kind == "ablate":
             k = max(1, round(self.cfg.layer_fraction * self.n_layers))
             layers = self.rng.sample(range(self.n_layers), k)
-            self.stack.enter_context(ablate_direction(self.lm.model, self.direction, layers))
+            self.stack.enter_context(ablate_direction(self.lm.model, self.direction, layers, rows=self.row_mask))
         elif kind == "actadd" and self.places:
             place = self.rng.choice(self.places)
             vector = self.vectors[place.layer, place.position]
-            self.stack.enter_context(add_vector(self.lm.model, vector, [place.layer], -place.alpha))
+            self.stack.enter_context(add_vector(self.lm.model, vector, [place.layer], -place.alpha, rows=self.row_mask))
         elif kind == "actadd":
             self.state.actadd_untuned += self.tuner is not None
             layer = self.rng.randrange(self.n_layers)
             vector = self.vectors[layer, self.rng.randrange(self.vectors.shape[1])]
             if float(vector.norm()) == 0:
                 vector = self.direction  # layer 0 at template tokens: one fixed embedding, no difference of its own
-            self.stack.enter_context(add_vector(self.lm.model, vector, [layer], -self.rng.choice(self.cfg.coefficients)))
+            self.stack.enter_context(add_vector(self.lm.model, vector, [layer], -self.rng.choice(self.cfg.coefficients),
+                                                rows=self.row_mask))
         else:
             self.stack.enter_context(scale_expert_routing(self.lm.model, {key: 0.0 for key in self.masked}))
 

@@ -45,13 +45,15 @@ SWEEP_ATTACKS = ("none", *ADAPTIVE_ATTACKS)
 
 def lat_grid() -> list[RobustConfig]:
     """Latent adversarial training (--robust-method lat): the perturbation's bound and the share of steps."""
-    return [RobustConfig(method="lat", p=p, lat_epsilon=e) for e in (0.1, 0.25, 0.5) for p in (0.5, 1.0)]
+    return [RobustConfig(method="lat", p=p, lat_epsilon=e) for e in (0.05, 0.1, 0.25) for p in (0.5, 1.0)]
 
 
 def adaptive_grid() -> list[RobustConfig]:
-    """Training against the re-tuned actadd attacker (--robust-method adaptive): the share of steps
-    attacked and how often the attacker is tuned again."""
-    return [RobustConfig(method="adaptive", p=p, refresh_steps=r) for p in (0.75, 1.0) for r in (10, 20)]
+    """Training against the re-tuned actadd attacker (--robust-method adaptive), on the harmful rows of
+    every step, the attacker tuned again every 10 steps: how deep the refusal is trained (the first
+    K completion tokens' extra weight, training.early_tokens)."""
+    return [RobustConfig(method="adaptive", p=1.0, refresh_steps=10, harmful_rows_only=True, early_tokens=k, early_weight=w)
+            for k in (8, 16) for w in (1.0, 3.0)]
 
 
 def default_grid() -> list[RobustConfig]:
@@ -76,11 +78,13 @@ class RobustSweep:
 def _setting_name(cfg: RobustConfig | None) -> str:
     if cfg is None:
         return "plain"
+    early = f"_early{cfg.early_tokens}x{cfg.early_weight:g}" if cfg.early_tokens else ""
+    harmful = "_harmful" if cfg.harmful_rows_only else ""
     if cfg.method == "lat":
-        return f"lat_eps{cfg.lat_epsilon:g}_p{cfg.p:g}_steps{cfg.lat_steps}_layers{cfg.lat_layer_fraction:g}"
+        return f"lat_eps{cfg.lat_epsilon:g}_p{cfg.p:g}_steps{cfg.lat_steps}_layers{cfg.lat_layer_fraction:g}{early}"
     if cfg.method == "adaptive":
-        return f"adaptive_p{cfg.p:g}_refresh{cfg.refresh_steps}_kl{cfg.kl_budget:g}_top{cfg.tune_top}"
-    return f"p{cfg.p:g}_layers{cfg.layer_fraction:g}_refresh{cfg.refresh_steps}"
+        return f"adaptive_p{cfg.p:g}_refresh{cfg.refresh_steps}_kl{cfg.kl_budget:g}_top{cfg.tune_top}{early}{harmful}"
+    return f"p{cfg.p:g}_layers{cfg.layer_fraction:g}_refresh{cfg.refresh_steps}{early}{harmful}"
 
 
 def _validation_cells(lm: LoadedModel, base_kit: AttackKit, split_harmful: list[str], split_harmless: list[str],

@@ -144,7 +144,9 @@ def run_finetune(s: Settings) -> int:
                               refresh_steps=s["robust_refresh_steps"],
                               expert_k=s["robust_expert_k"], seed=s["seed"], method=s["robust_method"],
                               lat_epsilon=s["lat_epsilon"], lat_steps=s["lat_steps"], lat_layer_fraction=s["lat_layer_fraction"],
-                              kl_budget=s["robust_kl_budget"], tune_top=s["robust_tune_top"], tune_prompts=s["robust_tune_prompts"])
+                              kl_budget=s["robust_kl_budget"], tune_top=s["robust_tune_top"], tune_prompts=s["robust_tune_prompts"],
+                              early_tokens=s["robust_early_tokens"], early_weight=s["robust_early_weight"],
+                              harmful_rows_only=s["robust_harmful_rows_only"])
     elif s["robust_kit"]:
         raise ValueError("--robust-kit is read by --robust only")
     cfg = FinetuneConfig(epochs=s["epochs"], learning_rate=s["learning_rate"], batch_size=s["batch_size"],
@@ -171,6 +173,10 @@ ROBUST_OPTIONS = [
     Option("--robust-kl-budget", float, 0.1, "adaptive: harmless KL (nats per token) the re-tuned actadd must stay within"),
     Option("--robust-tune-top", int, 3, "adaptive: strongest places kept per re-tuning, one mounted per attacked step", minimum=1),
     Option("--robust-tune-prompts", int, 16, "adaptive: rows per side each re-tuning reads (its cost)", minimum=1),
+    Option("--robust-early-tokens", int, 0, "any method: the harmful rows' first K completion tokens weigh more "
+           "(refusal decided deeper than its opening); 0: off", minimum=0),
+    Option("--robust-early-weight", float, 1.0, "weight of that early-token loss beside the usual one", minimum=0.0),
+    Option("--robust-harmful-rows-only", None, False, "random / adaptive: attack only the slice's harmful rows of a batch"),
     Option("--lat-epsilon", float, 0.5, "lat: per-token L2 bound of the perturbation, relative to the residual norm"),
     Option("--lat-steps", int, 4, "lat: PGD ascent steps per attacked step", minimum=1),
     Option("--lat-layer-fraction", float, 1.0, "lat: share of the decoder layers perturbed (the last ones)"),
