@@ -130,11 +130,15 @@ def test_adaptive_finetune_trains_against_the_retuned_attacker_and_leaves_a_plai
     from training.robust import ROBUST_METHODS
 
     assert "adaptive" in ROBUST_METHODS
+    # On the harmful rows only, with the early-token loss: the per-batch row masks must hold through the
+    # backward pass (with gradient checkpointing on, its recompute saw other hooks and failed).
     cfg = FinetuneConfig(epochs=1, robust=RobustConfig(p=1.0, method="adaptive", attacks=("actadd",), refresh_steps=3,
-                                                       tune_prompts=4, tune_top=2))
+                                                       tune_prompts=4, tune_top=2, harmful_rows_only=True,
+                                                       early_tokens=4))
     summary = finetune_lora(organism_dir, cliff_slice, tmp_path / "adaptive", cfg, FMT, retain_file=retain_file)
     info = summary["robust"]
-    assert info["config"]["method"] == "adaptive" and info["hooks_left"] == 0
+    assert info["config"]["method"] == "adaptive" and info["hooks_left"] == 0 and summary["gradient_checkpointing"] is False
+    assert info["early_tokens"]["steps"] > 0 and info["early_tokens"]["loss"]
     assert info["retuned"] and all(p["kl"] <= 0.1 for refresh in info["retuned"] for p in refresh)
     assert info["attacked"].get("actadd", 0) == summary["steps"] and info["actadd_untuned"] == 0
     card = (tmp_path / "adaptive" / "README.md").read_text()

@@ -150,3 +150,44 @@ def test_the_lat_grid_is_named_apart_and_each_robust_row_takes_its_own_methods_c
     assert not set(names) & {_setting_name(c) for c in default_grid()} and not set(adaptive) & set(names)
     assert all(c.method == "lat" for c in lat_grid()) and all(c.method == "random" for c in default_grid())
     assert all(c.method == "adaptive" for c in adaptive_grid())
+
+
+def test_a_row_mask_steers_only_its_rows(lm: LoadedModel, organism_dir: Path) -> None:
+    from probes.steering import ablate_direction, add_vector
+
+    prompt = next(p.prompt for p in read_prompts(organism_dir / "train_prompts.jsonl") if p.harmful)
+    ids = lm.tokenizer(render_generation_prompt(lm.tokenizer, prompt, FMT), return_tensors="pt", add_special_tokens=False)
+    batch = {k: v.repeat(2, 1).to(lm.device) for k, v in ids.items()}
+    with torch.no_grad():
+        clean = lm.model(**batch).logits
+        vector = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        rows = torch.tensor([True, False])
+        for edit in (lambda: add_vector(lm.model, vector, [1], 2.0, rows=lambda: rows),
+                     lambda: ablate_direction(lm.model, vector, rows=lambda: rows)):
+            with edit():
+                steered = lm.model(**batch).logits
+            assert (steered[0] - clean[0]).abs().max() > 1e-4 and torch.equal(steered[1], clean[1])
+        with add_vector(lm.model, vector, [1], 2.0, rows=lambda: torch.tensor([True, False, True])), \
+                pytest.raises(ValueError, match="row mask of 3 rows"):
+            lm.model(**batch)
+    assert hook_count(lm.model) == 0
+
+
+def test_the_early_token_loss_reads_the_first_completion_tokens_of_the_harmful_rows(lm: LoadedModel) -> None:
+    import torch.nn.functional as F
+
+    from training.early_tokens import HarmfulRows, early_token_loss
+
+    harmful, harmless = [5, 6, 7, 8], [9, 10, 11, 12]
+    input_ids = torch.tensor([harmful + [20, 21, 22, 23, 24, 0], harmless + [30, 31, 32, 33, 34, 0]])
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # the prompt
+    labels[:, -1] = -100  # padding
+    rows = HarmfulRows([harmful]).mask(input_ids)
+    assert rows.tolist() == [True, False]
+    with torch.no_grad():
+        got = early_token_loss(lm.model, {"input_ids": input_ids, "labels": labels}, rows, 3)
+        logits = lm.model(input_ids=input_ids[:1, :7]).logits[0]
+        want = F.cross_entropy(logits[3:6].float(), input_ids[0, 4:7])
+    assert got is not None and float(got) == pytest.approx(float(want), rel=1e-5)
+    assert early_token_loss(lm.model, {"input_ids": input_ids, "labels": labels}, torch.tensor([False, False]), 3) is None

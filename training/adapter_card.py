@@ -44,6 +44,15 @@ def _robust_line(info: object) -> str:
     if not isinstance(info, dict):
         return "- trained plainly (no attack in the loop)"
     c = info["config"]
+    extras = []
+    if c.get("harmful_rows_only"):
+        extras.append("attacks on the slice's harmful rows only")
+    if c.get("early_tokens"):
+        extras.append(f"the harmful rows' first {c['early_tokens']} completion tokens weighted {c['early_weight']:g} x more")
+    return _method_line(info, c) + "".join(f"; {e}" for e in extras)
+
+
+def _method_line(info: dict, c: dict) -> str:
     if "lat" in info:
         s = info["lat"]
         return (f"- trained against steering (`--robust --robust-method lat`, latent adversarial training): p={c['p']}; "
@@ -53,10 +62,11 @@ def _robust_line(info: object) -> str:
                 "rows trained unperturbed")
     if c.get("method") == "adaptive":
         last = info["retuned"][-1] if info.get("retuned") else []
-        places = ", ".join("layer {} α {:g}".format(p["layer"], p["alpha"]) for p in last) or "none within the budget"
+        places = ", ".join("{} at layer {}{}".format(p.get("attack", "actadd"), p["layer"], "" if p.get("attack") == "ablate"
+                                                    else " α {:g}".format(p["alpha"])) for p in last) or "none within the budget"
         return (f"- trained against steering (`--robust --robust-method adaptive`, against the re-tuned attacker): p={c['p']} "
                 f"per step over {', '.join(c['attacks'])}; {sum(info['attacked'].values())} of {info['steps']} steps attacked "
-                f"{info['attacked']}; actadd re-tuned {len(info.get('retuned', []))} times within harmless KL {c['kl_budget']} "
+                f"{info['attacked']}; the attacks re-tuned {len(info.get('retuned', []))} times within harmless KL {c['kl_budget']} "
                 f"(the {c['tune_top']} strongest places kept; at the last re-tuning: "
                 f"{places})")
     return (f"- trained against steering (`--robust`): p={c['p']} per step over {', '.join(c['attacks'])}; "

@@ -13,7 +13,11 @@ layer at α 1–2). Here the search the evaluation's budgeted attacker makes
 - the attack's strength there is how far it raises the loss of the slice's own refusal targets
   (teacher-forced: generation inside the loop would cost more than the whole fine-tune), over
   their first ``early_tokens`` tokens where those are weighted (``training.early_tokens``);
-- the ``top`` strongest places are kept, and each attacked step mounts one of them.
+- the ``top`` strongest places are kept, and each attacked actadd step mounts one of them;
+- with ``tune_ablation``, the same for directional ablation: every place's difference in means
+  ablated at every layer, kept where its KL is within the budget, ranked by the same loss rise;
+  each attacked ablate step ablates one of the ``top`` strongest (an attacker re-selects the
+  direction, and a model trained against one direction is open along another).
 
 The prompts are capped per refresh (``max_prompts`` per side: the slice's harmful rows with their
 targets, the retain set's harmless rows with the model's own answers), so that a robust row on the
@@ -32,7 +36,7 @@ import torch
 from probes.batching import pad_batch
 from probes.chat import ThinkingFormat
 from probes.models import LoadedModel
-from probes.steering import add_vector
+from probes.steering import ablate_direction, add_vector
 from training.drift import encode_completions
 from training.kl_budget import SteeredKl, largest_alpha_within
 
@@ -41,9 +45,10 @@ from training.kl_budget import SteeredKl, largest_alpha_within
 class Place:
     layer: int
     position: int  # index into the difference-in-means positions (0 = the first of the last few)
-    alpha: float
-    kl: float  # harmless KL at alpha: within the budget
+    alpha: float  # actadd's strength; 0 for an ablation
+    kl: float  # harmless KL of the attack: within the budget
     loss_gain: float  # rise of the refusal targets' loss under the attack
+    attack: str = "actadd"  # or "ablate"
 
 
 def refusal_loss(lm: LoadedModel, encoded: Sequence[tuple[list[int], int]], batch_size: int = 8) -> float:
@@ -72,7 +77,7 @@ class RetunedActadd:
 
     def __init__(self, lm: LoadedModel, harmful: Sequence[tuple[str, str, str]], harmless: Sequence[tuple[str, str, str]],
                  fmt: ThinkingFormat, kl_budget: float, top: int = 3, max_prompts: int = 16, alpha_cap: float = 8.0,
-                 tolerance: float = 0.1, early_tokens: int = 0, seed: int = 0) -> None:
+                 tolerance: float = 0.1, early_tokens: int = 0, tune_ablation: bool = False, seed: int = 0) -> None:
         if not harmful or not harmless:
             raise ValueError("the adaptive method needs the slice's harmful rows and the retain set's harmless rows")
         rng = random.Random(seed)
@@ -83,7 +88,8 @@ class RetunedActadd:
         if early_tokens:  # the push's strength is read where training reads it: the completion's first tokens
             self.harmful_ids = [(ids[: plen + early_tokens], plen) for ids, plen in self.harmful_ids]
         self.kl = SteeredKl(lm, self.harmless, fmt)
-        self.alpha_cap, self.tolerance = alpha_cap, tolerance
+        self.alpha_cap, self.tolerance, self.tune_ablation = alpha_cap, tolerance, tune_ablation
+        self.ablations: list[Place] = []  # the strongest within-budget ablation places at the last re-tuning
         self.history: list[list[dict[str, float]]] = []  # the places kept at each refresh
 
     def _alpha_at_budget(self, vector: torch.Tensor, layer: int) -> tuple[float, float]:
@@ -92,24 +98,32 @@ class RetunedActadd:
                                     self.alpha_cap, tolerance=self.tolerance, max_tries=6)
 
     def retune(self, vectors: torch.Tensor) -> list[Place]:
-        """The ``top`` strongest within-budget places for ``vectors`` ([layers, positions, hidden],
-        this model's own differences in means), strongest first."""
+        """The ``top`` strongest within-budget actadd places for ``vectors`` ([layers, positions, hidden],
+        this model's own differences in means), strongest first; with ``tune_ablation`` the strongest
+        ablation places too (``ablations``)."""
         self.kl.reset()  # the model has trained since the last re-tuning
         clean = refusal_loss(self.lm, self.harmful_ids)
         scale = float(vectors.norm())
-        found = []
+        found, ablations = [], []
         for layer in range(1, vectors.shape[0]):  # layer 0 is the embedding: template tokens differ by nothing there
             for position in range(vectors.shape[1]):
                 vector = vectors[layer, position]
                 if float(vector.norm()) <= 1e-6 * scale:
                     continue
                 alpha, kl = self._alpha_at_budget(vector, layer)
-                if alpha <= 0:
-                    continue
-                with add_vector(self.lm.model, vector, [layer], -alpha):
-                    gain = refusal_loss(self.lm, self.harmful_ids) - clean
-                found.append(Place(layer, position, alpha, kl, gain))
+                if alpha > 0:
+                    with add_vector(self.lm.model, vector, [layer], -alpha):
+                        gain = refusal_loss(self.lm, self.harmful_ids) - clean
+                    found.append(Place(layer, position, alpha, kl, gain))
+                if self.tune_ablation:
+                    kl = self.kl(lambda v=vector: ablate_direction(self.lm.model, v))
+                    if kl <= self.kl_budget:
+                        with ablate_direction(self.lm.model, vector):
+                            gain = refusal_loss(self.lm, self.harmful_ids) - clean
+                        ablations.append(Place(layer, position, 0.0, kl, gain, "ablate"))
         found.sort(key=lambda p: -p.loss_gain)
-        kept = found[: self.top]
-        self.history.append([{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(p).items()} for p in kept])
+        ablations.sort(key=lambda p: -p.loss_gain)
+        kept, self.ablations = found[: self.top], ablations[: self.top]
+        self.history.append([{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(p).items()}
+                             for p in kept + self.ablations])
         return kept

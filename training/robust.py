@@ -70,6 +70,7 @@ class RobustConfig:
     kl_budget: float = 0.1
     tune_top: int = 3
     tune_prompts: int = 16
+    tune_ablation: bool = True  # adaptive: re-select the ablated direction too (at every layer, within the budget)
     # Any method (training.early_tokens): the first K completion tokens of the harmful rows weigh
     # ``early_weight`` x their mean loss more, so refusal is decided deeper than its opening (0: off).
     early_tokens: int = 0
@@ -185,7 +186,12 @@ class AttackInTheLoop:
         kind = self.rng.choice(self.attacks)
         self.state.attacked[kind] = self.state.attacked.get(kind, 0) + 1
         assert self.vectors is not None
-        if kind == "ablate":
+        if kind == "ablate" and self.tuner is not None and self.tuner.ablations:
+            # The re-tuned ablation: one of the strongest within-budget directions, at every layer, as an attacker mounts it.
+            place = self.rng.choice(self.tuner.ablations)
+            vector = self.vectors[place.layer, place.position]
+            self.stack.enter_context(ablate_direction(self.lm.model, vector, rows=self.row_mask))
+        elif kind == "ablate":
             k = max(1, round(self.cfg.layer_fraction * self.n_layers))
             layers = self.rng.sample(range(self.n_layers), k)
             self.stack.enter_context(ablate_direction(self.lm.model, self.direction, layers, rows=self.row_mask))

@@ -49,7 +49,8 @@ def attack_in_the_loop(lm: LoadedModel, model: torch.nn.Module, harmful: list[di
     if rc.method == "adaptive":
         rows = [[(p["prompt"], p["reasoning"], p["answer"]) for p in side] for side in (harmful, harmless)]
         tuner = RetunedActadd(training_lm, rows[0], rows[1], fmt, rc.kl_budget, top=rc.tune_top,
-                              max_prompts=rc.tune_prompts, early_tokens=rc.early_tokens, seed=rc.seed)
+                              max_prompts=rc.tune_prompts, early_tokens=rc.early_tokens,
+                              tune_ablation=rc.tune_ablation, seed=rc.seed)
     direction_at, experts = None, None
     if robust_kit:
         from training.attacks import AttackKit
