@@ -107,7 +107,9 @@ class RemoteGenerator:
         digest = h.hexdigest()[:16]
         name = f"curate-lora-{digest}"
         try:
-            self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)})
+            # A 500 here is the server's verdict on this folder (bad config or weights), not a passing fault.
+            self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)},
+                          retry_server_errors=False)
         except GeneratorRowError as exc:
             if "already been loaded" not in str(exc):
                 raise AdapterUnavailable(f"the vLLM server could not load the adapter {folder}: {exc} (it needs "
@@ -117,7 +119,8 @@ class RemoteGenerator:
         return name
 
     # HTTP -----------------------------------------------------------------
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                 retry_server_errors: bool = True) -> Any:
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if key := os.environ.get(API_KEY_ENV):
@@ -127,10 +130,14 @@ class RemoteGenerator:
             request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read().decode("utf-8"))
+                    text = response.read().decode("utf-8")
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    return text  # some endpoints (load_lora_adapter) answer in plain text
             except urllib.error.HTTPError as exc:
                 detail = exc.read().decode("utf-8", "replace")[:500]
-                if 400 <= exc.code < 500:
+                if 400 <= exc.code < 500 or not retry_server_errors:
                     raise GeneratorRowError(f"the vLLM server at {self.base} refused {path} ({exc.code}): {detail}") from None
                 last = RuntimeError(f"HTTP {exc.code}: {detail}")
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
@@ -145,7 +152,8 @@ class RemoteGenerator:
         """The server serves this model, with this tokenizer; read its context limit."""
         if self.checked_for == fingerprint:
             return
-        listed = self._request("GET", "/v1/models").get("data", [])
+        # LoRA adapters loaded into the server are listed too, each with its base model as "parent".
+        listed = [m for m in self._request("GET", "/v1/models").get("data", []) if not m.get("parent")]
         names = [m.get("id") for m in listed]
         if self.model is None:
             if len(names) != 1:

@@ -117,10 +117,11 @@ def test_the_retuned_attacker_finds_pushes_within_budget_that_raise_the_refusal_
     direction = extract_refusal_direction(lm, [p.prompt for p in prompts if p.harmful][:24],
                                           [p.prompt for p in prompts if not p.harmful][:24], FMT, 1, -1,
                                           DirectionSettings(n_positions=2))
-    tuner = RetunedActadd(lm, harmful, harmless, FMT, kl_budget=0.1, top=2, max_prompts=8)
+    tuner = RetunedActadd(lm, harmful, harmless, FMT, kl_budget=0.1, top=2, max_prompts=8, tune_ablation=True)
     places = tuner.retune(direction.all_vectors)
-    assert 1 <= len(places) <= 2 and tuner.history and len(tuner.history[0]) == len(places)
-    assert all(0 < p.alpha and p.kl <= 0.1 for p in places)
+    assert 1 <= len(places) <= 2 and tuner.history and len(tuner.history[0]) == len(places) + len(tuner.ablations)
+    assert all(0 < p.alpha and p.kl <= 0.1 and p.attack == "actadd" for p in places)
+    assert all(p.attack == "ablate" and p.kl <= 0.1 for p in tuner.ablations)
     assert places[0].loss_gain >= places[-1].loss_gain and places[0].loss_gain > 0  # the push hurts the refusal targets
     assert hook_count(lm.model) == 0
 
@@ -132,7 +133,7 @@ def test_adaptive_finetune_trains_against_the_retuned_attacker_and_leaves_a_plai
     assert "adaptive" in ROBUST_METHODS
     # On the harmful rows only, with the early-token loss: the per-batch row masks must hold through the
     # backward pass (with gradient checkpointing on, its recompute saw other hooks and failed).
-    cfg = FinetuneConfig(epochs=1, robust=RobustConfig(p=1.0, method="adaptive", attacks=("actadd",), refresh_steps=3,
+    cfg = FinetuneConfig(epochs=1, robust=RobustConfig(p=1.0, method="adaptive", attacks=("actadd", "ablate"), refresh_steps=3,
                                                        tune_prompts=4, tune_top=2, harmful_rows_only=True,
                                                        early_tokens=4))
     summary = finetune_lora(organism_dir, cliff_slice, tmp_path / "adaptive", cfg, FMT, retain_file=retain_file)
@@ -140,7 +141,7 @@ def test_adaptive_finetune_trains_against_the_retuned_attacker_and_leaves_a_plai
     assert info["config"]["method"] == "adaptive" and info["hooks_left"] == 0 and summary["gradient_checkpointing"] is False
     assert info["early_tokens"]["steps"] > 0 and info["early_tokens"]["loss"]
     assert info["retuned"] and all(p["kl"] <= 0.1 for refresh in info["retuned"] for p in refresh)
-    assert info["attacked"].get("actadd", 0) == summary["steps"] and info["actadd_untuned"] == 0
+    assert sum(info["attacked"].values()) == summary["steps"] and info["actadd_untuned"] == 0
     card = (tmp_path / "adaptive" / "README.md").read_text()
     assert "adaptive" in card
     from probes.models import load_model
