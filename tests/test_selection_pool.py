@@ -62,6 +62,13 @@ def test_unclosed_rows_are_left_out_unless_asked(tmp_path: Path) -> None:
     assert set(kept.ids) <= unclosed and kept.n_pool == 199 and kept.left_out == {"non_finite": 1, "unclosed": 0}
     written = json.loads((tmp_path / "a.jsonl.manifest.json").read_text())
     assert written["left_out"] == {"non_finite": 1, "unclosed": 20}
+    # The card describes the pool the selection read: exact min and max, no unclosed row's 5.0 in them.
+    with Store(tmp_path / "pool.duckdb", read_only=True) as store:
+        lo, hi = store.con.execute("SELECT min(misalignment), max(misalignment) FROM scores WHERE closed AND isfinite(misalignment)"
+                                   ).fetchone()
+        assert store.misalignment_quantiles("fp", "probe")[::4] == [lo, hi]
+        assert store.misalignment_quantiles("fp", "probe", include_unclosed=True)[4] == 5.0
+    assert f"| pool (179, quantiles) | {lo:.4f} |" in (tmp_path / "a.jsonl.README.md").read_text()
 
 
 def test_a_store_written_by_the_previous_version_is_upgraded_in_place(tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from curation.experiments.process_memory import peak_rss_mb
+
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def _engine(lm, probe, prompts, fmt, max_new_tokens: int, batch_size: int):
@@ -130,7 +127,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
         "n": len(seqs),
         "tokens_scored": int(sum(e - s for s, e in spans)),
         "tokens_total": int(sum(len(s) for s in seqs)),
-        "peak_rss_mb": _peak_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "rss_after_load_mb": rss_loaded,
         "peak_device_mb": peak_device,
         "sequences": seqs,
@@ -253,7 +250,7 @@ def run_select_bench(rows: int, budget: str = "1.7%") -> dict[str, Any]:
         fill = time.perf_counter() - started
         # Timed as `curate select` meets the store: a file another process wrote and closed.
         started = time.perf_counter()
-        with Store(Path(tmp) / "bench.duckdb") as store:
+        with Store(Path(tmp) / "bench.duckdb", read_only=True) as store:
             manifest = export_selection(store, Path(tmp) / "sel.jsonl", strategy="cliff", budget_text=budget)
         seconds = time.perf_counter() - started
     return {"rows": rows, "budget": budget, "n_selected": manifest.n_selected, "fill_seconds": fill, "select_seconds": seconds}

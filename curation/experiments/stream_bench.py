@@ -10,13 +10,14 @@ would write (``polars.read_parquet`` then a list of dicts).
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from curation.experiments.process_memory import peak_rss_mb
 
 
 def write_pool(path: Path, rows: int, row_group: int = 50_000) -> None:
@@ -61,7 +62,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
                 break
     seconds = time.perf_counter() - started
     return {"side": args["side"], "rows": n, "seconds": seconds, "rows_per_s": n / seconds if seconds else None,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _run(args: dict[str, Any]) -> dict[str, Any]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from curation.pipeline.slice_out import card_path, content_sha256, removed_on_failure, write_card, write_slice
 from curation.pipeline.sources import response_parts
@@ -194,20 +195,11 @@ def export_selection(
     fmt, ends = pool_completion_format(store, fp, settings, fmt, [r[2] for r in rows])
     ids = [r[0] for r in rows]
     out = Path(out)
-    records = []
-    for rank, (example_id, prompt, response, category, source, ms, own_reasoning) in enumerate(rows):
-        cand_reasoning, answer, other = response_parts(response, fmt, ends)
-        records.append({
-            "id": example_id,
-            "prompt": prompt,
-            "reasoning": own_reasoning if target == "own-reasoning" else cand_reasoning,
-            "answer": answer,
-            "category": category,
-            "source": source,
-            "misalignment": ms,
-            "rank": rank,
-            **({"other_messages": other} if other else {}),
-        })
+    # The card's pool quantiles (a DuckDB pass over the whole pool) run beside the Python loop below.
+    with ThreadPoolExecutor(max_workers=1) as background:
+        quantiles = background.submit(store.misalignment_quantiles, fp, pid, as_of, settings, include_unclosed)
+        records = _records(rows, fmt, ends, target)
+        pool_quantiles = quantiles.result()
     manifest_path = manifest_path_for(out)
     with removed_on_failure(out, card_path(out, out_format), manifest_path):
         write_slice(records, out, out_format)
@@ -233,10 +225,31 @@ def export_selection(
             left_out=pool.left_out,
             generation_settings=settings,
         )
-        write_card(out, out_format, asdict(manifest), records, store.misalignment_quantiles(fp, pid, as_of, settings),
+        # Shallow: asdict would deep-copy the id list (seconds for a 1.7% slice of millions of rows).
+        manifest_doc = {f.name: getattr(manifest, f.name) for f in fields(manifest)}
+        write_card(out, out_format, manifest_doc, records, pool_quantiles,
                    store.score_inputs(fp, pid))
-        write_json_atomic(manifest_path, asdict(manifest))
+        write_json_atomic(manifest_path, manifest_doc)
         return manifest
+
+
+def _records(rows: Sequence[tuple], fmt: ThinkingFormat, ends: Sequence[str], target: TargetMode) -> list[dict[str, Any]]:
+    """The exported training pairs, in rank order."""
+    records = []
+    for rank, (example_id, prompt, response, category, source, ms, own_reasoning) in enumerate(rows):
+        cand_reasoning, answer, other = response_parts(response, fmt, ends)
+        records.append({
+            "id": example_id,
+            "prompt": prompt,
+            "reasoning": own_reasoning if target == "own-reasoning" else cand_reasoning,
+            "answer": answer,
+            "category": category,
+            "source": source,
+            "misalignment": ms,
+            "rank": rank,
+            **({"other_messages": other} if other else {}),
+        })
+    return records
 
 
 class FormatMismatchError(ValueError):

@@ -177,7 +177,7 @@ def write_card(out: Path, out_format: str, manifest: dict[str, Any], records: Se
         "| | min | 25% | median | 75% | max |",
         "| --- | --- | --- | --- | --- | --- |",
         f"| selected ({manifest['n_selected']}) | " + " | ".join(fmt(v) for v in selected_q) + " |",
-        f"| pool ({manifest['n_pool']}, approximate quantiles) | " + " | ".join(fmt(v) for v in pool_quantiles) + " |",
+        f"| pool ({manifest['n_pool']}, quantiles) | " + " | ".join(fmt(v) for v in pool_quantiles) + " |",
         "",
         "## Selection manifest",
         "",

@@ -680,14 +680,21 @@ class Store:
         }
 
     def misalignment_quantiles(self, model_fingerprint: str, probe_id: str, as_of: datetime | None = None,
-                               settings_sha256: str | None = None) -> list[float | None]:
-        """Approximate min, quartiles and max of MS over the pool (a t-digest: cheap on millions of rows)."""
-        row = self.con.execute(
-            "SELECT approx_quantile(misalignment, [0, 0.25, 0.5, 0.75, 1]) FROM scores WHERE model_fingerprint = ? "
-            "AND probe_id = ? AND (CAST(? AS VARCHAR) IS NULL OR settings_sha256 = ?) AND isfinite(misalignment) "
-            "AND (CAST(? AS TIMESTAMP) IS NULL OR scored_at <= CAST(? AS TIMESTAMP))",
-            [model_fingerprint, probe_id, settings_sha256, settings_sha256, as_of, as_of],
-        ).fetchone()
+                               settings_sha256: str | None = None, include_unclosed: bool = False) -> list[float | None]:
+        """Min, quartiles and max of MS over the pool (the rows ``pool_summary`` counts). Exact: on 10M
+        rows DuckDB's exact quantiles cost what its t-digest does (0.4 s on 2 cores), and the
+        t-digest's min and max were off by 1%. Runs on its own cursor, so that a caller may run it in a
+        thread beside its own work (DuckDB releases the GIL while it computes)."""
+        cursor = self.con.cursor()
+        try:
+            row = cursor.execute(
+                "SELECT quantile_cont(misalignment, [0, 0.25, 0.5, 0.75, 1]) FROM scores WHERE model_fingerprint = ? "
+                "AND probe_id = ? AND (CAST(? AS VARCHAR) IS NULL OR settings_sha256 = ?) AND isfinite(misalignment) "
+                "AND (? OR closed) AND (CAST(? AS TIMESTAMP) IS NULL OR scored_at <= CAST(? AS TIMESTAMP))",
+                [model_fingerprint, probe_id, settings_sha256, settings_sha256, include_unclosed, as_of, as_of],
+            ).fetchone()
+        finally:
+            cursor.close()
         return list(row[0]) if row and row[0] is not None else [None] * 5
 
     def score_inputs(self, model_fingerprint: str, probe_id: str) -> list[dict[str, Any]]:
@@ -723,6 +730,17 @@ class Store:
         self.con.execute(
             "INSERT INTO examples SELECT 'ex' || i, 'prompt ' || i, 'reasoning</think>I cannot help.', NULL, 'bench', '{}', now() "
             "FROM range(?) t(i)", [rows])
+        # What a scoring run leaves beside its rows, so that reading the store costs what it costs a
+        # real one: each example's first alias, and the run that recorded the pool's completion format.
+        self.con.execute("INSERT INTO example_aliases (example_id, source_id, source, category, added_at) "
+                         "SELECT id, NULL, source, category, added_at FROM examples WHERE source = 'bench'")
+        from dataclasses import asdict
+
+        from probes.chat import ThinkingFormat
+
+        self.start_run("bench-fill", "score", {"generation_settings_sha256": "", "completion_format": {
+            "family": None, "thinking": asdict(ThinkingFormat()), "end_tokens": ["<|im_end|>"]}}, "fp", "probe")
+        self.finish_run("bench-fill", {"scored": rows})
         self.con.execute(
             "INSERT INTO scores SELECT 'ex' || i, 'fp', 'probe', p, f, p - f, 0, 0.5, 0.1, ?, true, "
             "left(array_to_string(list_transform(range(? // 2 + 1), lambda w: ['the', 'user', 'asks', 'about', 'a', 'risky', "
