@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +28,7 @@ from typing import IO, Any
 import duckdb
 
 from curation.pipeline.sources import CandidateRecord, QuarantinedRow
+from probes.chat import ThinkingFormat
 from probes.cliff import CliffMetrics
 
 SCHEMA = (
@@ -734,10 +735,6 @@ class Store:
         # real one: each example's first alias, and the run that recorded the pool's completion format.
         self.con.execute("INSERT INTO example_aliases (example_id, source_id, source, category, added_at) "
                          "SELECT id, NULL, source, category, added_at FROM examples WHERE source = 'bench'")
-        from dataclasses import asdict
-
-        from probes.chat import ThinkingFormat
-
         self.start_run("bench-fill", "score", {"generation_settings_sha256": "", "completion_format": {
             "family": None, "thinking": asdict(ThinkingFormat()), "end_tokens": ["<|im_end|>"]}}, "fp", "probe")
         self.finish_run("bench-fill", {"scored": rows})
