@@ -9,10 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from curation.pipeline.slice_out import card_path, content_sha256, removed_on_failure, write_card, write_slice
-from curation.pipeline.sources import response_parts
+from curation.pipeline.slice_out import card_path, content_sha256, removed_on_failure, slice_records, write_card, write_slice
 from curation.pipeline.store import Store
 from probes.chat import ThinkingFormat
 from probes.files import write_json_atomic
@@ -198,7 +197,7 @@ def export_selection(
     # The card's pool quantiles (a DuckDB pass over the whole pool) run beside the Python loop below.
     with ThreadPoolExecutor(max_workers=1) as background:
         quantiles = background.submit(store.misalignment_quantiles, fp, pid, as_of, settings, include_unclosed)
-        records = _records(rows, fmt, ends, target)
+        records = slice_records(rows, fmt, ends, own_reasoning=target == "own-reasoning")
         pool_quantiles = quantiles.result()
     manifest_path = manifest_path_for(out)
     with removed_on_failure(out, card_path(out, out_format), manifest_path):
@@ -231,25 +230,6 @@ def export_selection(
                    store.score_inputs(fp, pid))
         write_json_atomic(manifest_path, manifest_doc)
         return manifest
-
-
-def _records(rows: Sequence[tuple], fmt: ThinkingFormat, ends: Sequence[str], target: TargetMode) -> list[dict[str, Any]]:
-    """The exported training pairs, in rank order."""
-    records = []
-    for rank, (example_id, prompt, response, category, source, ms, own_reasoning) in enumerate(rows):
-        cand_reasoning, answer, other = response_parts(response, fmt, ends)
-        records.append({
-            "id": example_id,
-            "prompt": prompt,
-            "reasoning": own_reasoning if target == "own-reasoning" else cand_reasoning,
-            "answer": answer,
-            "category": category,
-            "source": source,
-            "misalignment": ms,
-            "rank": rank,
-            **({"other_messages": other} if other else {}),
-        })
-    return records
 
 
 class FormatMismatchError(ValueError):

@@ -23,9 +23,32 @@ from typing import Any
 
 import orjson
 
+from curation.pipeline.sources import response_parts
+from probes.chat import ThinkingFormat
 from probes.files import atomic_path, write_text_atomic
 
 OUT_FORMATS = ("jsonl", "parquet", "hf")
+
+
+def slice_records(rows: Sequence[tuple], fmt: ThinkingFormat, ends: Sequence[str], *,
+                  own_reasoning: bool) -> list[dict[str, Any]]:
+    """The exported training pairs, in rank order, from ``Store.selection`` rows: each response
+    read in the pool's format; the reasoning is the model's own as scored, or the candidate's."""
+    records = []
+    for rank, (example_id, prompt, response, category, source, ms, scored_reasoning) in enumerate(rows):
+        cand_reasoning, answer, other = response_parts(response, fmt, ends)
+        records.append({
+            "id": example_id,
+            "prompt": prompt,
+            "reasoning": scored_reasoning if own_reasoning else cand_reasoning,
+            "answer": answer,
+            "category": category,
+            "source": source,
+            "misalignment": ms,
+            "rank": rank,
+            **({"other_messages": other} if other else {}),
+        })
+    return records
 
 
 def content_sha256(records: Sequence[dict[str, Any]]) -> str:
