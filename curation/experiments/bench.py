@@ -17,7 +17,6 @@ compares the traces and prints ratios engine / baseline.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from curation.experiments.process_memory import peak_rss_mb
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from curation.experiments.process_memory import peak_rss_mb, rss_mb
 
 
 def _engine(lm, probe, prompts, fmt, max_new_tokens: int, batch_size: int):
@@ -99,7 +93,7 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     prompts = [p.prompt for p in read_prompts(args["prompts"])][: args["n"]]
     fmt = ThinkingFormat()
     known = json.loads(Path(args["known"]).read_text()) if args.get("known") else None
-    rss_loaded = _rss_mb()
+    rss_loaded = rss_mb()
     if lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Warm-up outside the timing: first calls pay one-off costs on both sides.
